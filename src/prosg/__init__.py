@@ -1,0 +1,3 @@
+"""ProSG: prompt synthetic gradients against prompt forgetting in recurrent language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,13 @@
+"""Backbone families behind one interface; ``build`` by name, ``from_pretrained`` by path."""
+
+from prosg.backbones.base import Backbone, BackboneOutput
+from prosg.backbones.registry import BACKBONES, FORMATS, build, detect_format, from_pretrained
+from prosg.backbones.gpt import GPT
+from prosg.backbones.mamba import Mamba
+from prosg.backbones.rwkv7 import RWKV7
+from prosg.backbones.rwkv4 import RWKV4
+
+__all__ = [
+    "Backbone", "BackboneOutput", "BACKBONES", "FORMATS", "build", "detect_format",
+    "from_pretrained", "GPT", "Mamba", "RWKV7", "RWKV4",
+]

@@ -1,0 +1,1 @@
+"""Constructed prompt-forgetting tasks, tokenizers and DataModules."""
