@@ -136,6 +136,12 @@ class Backbone(nn.Module):
                 return prefix[id(m)]
         raise ConfigError(f"module {module_name!r} is not inside any block of {type(self).__name__}")
 
+    def save_pretrained(self, directory: str) -> None:
+        """Save config + weights so ``from_pretrained(directory)`` rebuilds this model."""
+        from prosg.backbones.native import save_native
+
+        save_native(self, directory)
+
     def num_parameters(self) -> int:
         """Total parameter count."""
         return sum(p.numel() for p in self.parameters())
