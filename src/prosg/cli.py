@@ -1,4 +1,4 @@
-"""The ``prosg`` command: LightningCLI subcommands plus ProSG's own (data, demo)."""
+"""The ``prosg`` command: LightningCLI (fit/validate/test/predict) plus generate, data and demo."""
 
 from __future__ import annotations
 
@@ -6,21 +6,69 @@ import sys
 
 USAGE = """usage: prosg <command> [options]
 
-commands:
-  demo      the built-in default run (small models, a few minutes on a CPU)
-  data      build / show the constructed prompt-forgetting dataset (prosg data -h)
+training and evaluation (LightningCLI; YAML in conf/, e.g. --config conf/experiment/mamba_sg.yaml):
+  fit        train (and validate) a model
+  validate   forgetting metrics on the validation split
+  test       forgetting metrics on the test split
+  predict    run the model over a prediction dataloader
+
+ProSG commands:
+  generate   a checkpoint + a prompt -> streamed continuation
+  data       build / show the constructed prompt-forgetting dataset
+  demo       the built-in default run (small models, minutes on a CPU)
 
 Run `prosg <command> -h` for the options of a command.
 """
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_main(args: list[str]):
+    """Run a LightningCLI subcommand; returns the CLI object (its trainer holds the results)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from prosg.module import ProSGModule
+
+    class ProSGCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # the model's vocabulary comes from the data (tokenizer or constructed task)
+            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    return ProSGCLI(
+        ProSGModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``prosg`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``prosg`` console script; ProSG input errors print as one clear message."""
+    from prosg.errors import ProSGError
+
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except ProSGError as e:
+        print(f"prosg: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        lightning_main([command, *rest])
+        return 0
+    if command == "generate":
+        from prosg.generate_cli import main as generate_main
+
+        return generate_main(rest)
     if command == "demo":
         from prosg.demo import main as demo_main
 

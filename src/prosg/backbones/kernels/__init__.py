@@ -1,0 +1,1 @@
+"""Recurrence kernels: pure-PyTorch parallel scans, tiny reference loops, optional GPU kernel dispatch."""

@@ -1,0 +1,460 @@
+"""Mamba-1 language model, state-dict compatible with mamba_ssm's ``MambaLMHeadModel``.
+
+Module tree (so mamba_ssm checkpoints load without renaming):
+
+    backbone.embedding                       nn.Embedding(padded vocab, d_model)
+    backbone.layers.{i}.norm                 RMSNorm (or LayerNorm)
+    backbone.layers.{i}.mixer.{in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj}
+    backbone.norm_f
+    lm_head                                  tied to the embedding by default
+
+Each block computes x + mixer(norm(x)) on the residual stream (mamba_ssm's fused add-norm,
+unfused). The per-layer state is mamba_ssm's inference cache: (conv_state (B, d_inner, d_conv)
+holding the last d_conv conv inputs, ssm_state (B, d_inner, d_state)). Projections are always
+called as modules so forward hooks see every token; the fused CUDA path that bypasses them is
+used only when no hook is registered (see kernels/mamba_cuda.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prosg.backbones.base import Backbone, BackboneOutput, State
+from prosg.backbones.checkpoint import find_weight_file, load_state_strict, load_weights, read_json
+from prosg.backbones.kernels import mamba_cuda
+from prosg.backbones.kernels.selective_scan import selective_scan_bld
+from prosg.backbones.registry import register_backbone, register_format
+from prosg.errors import CheckpointError, ConfigError
+
+LayerState = tuple[Tensor, Tensor]  # (conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like mamba_ssm's RMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM mixer; parameter names and init follow mamba_ssm's ``Mamba``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_kernels: bool | str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_state, self.d_conv = d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_kernels = use_kernels
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # dt_proj keeps the input variance (weight) and puts softplus(bias) log-uniform in [dt_min, dt_max].
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # S4D-real init: A = -(1..N) per channel, stored as log(-A) in fp32.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: torch.dtype = torch.float32) -> LayerState:
+        """Zeros: conv inputs in the activation dtype, the SSM state in >= fp32."""
+        return (
+            torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                        dtype=torch.promote_types(dtype, torch.float32)),
+        )
+
+    def forward(self, x: Tensor, state: LayerState | None = None, return_state: bool = True) -> tuple[Tensor, LayerState | None]:
+        """x (B, L, d_model) continuing from ``state`` (None = fresh) -> (out (B, L, d_model), state)."""
+        kernels = mamba_cuda.kernels_for(self.use_kernels, x)
+        if kernels is not None and state is None:  # mamba_ssm 1 kernels take no initial state
+            return mamba_cuda.mixer_forward(self, x, kernels, return_state)
+        batch, L, _ = x.shape
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, d_inner) each
+        # The conv sees the previous d_conv-1 inputs (kept in conv_state) before this chunk.
+        prev = state[0].to(xs.dtype) if state is not None else xs.new_zeros(batch, self.d_inner, self.d_conv)
+        xfull = torch.cat([prev, xs.transpose(1, 2)], dim=-1)  # (B, d_inner, d_conv + L)
+        u = F.conv1d(xfull[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        u = F.silu(u).transpose(1, 2)  # (B, L, d_inner)
+        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner)
+        ct = torch.promote_types(u.dtype, torch.float32)  # the scan runs in >= fp32
+        A = -torch.exp(self.A_log.to(ct))  # (d_inner, d_state)
+        uc = u.to(ct)
+        y, last = selective_scan_bld(uc, dt.to(ct), A, Bm.to(ct), Cm.to(ct), state[1] if state is not None else None)
+        y = (y + uc * self.D.to(ct)) * F.silu(z.to(ct))
+        out = self.out_proj(y.to(x.dtype))
+        return out, ((xfull[..., -self.d_conv :], last) if return_state else None)
+
+    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token x (B, d_model) -> (out (B, d_model), next state); O(1) in history."""
+        kernels = mamba_cuda.kernels_for(self.use_kernels, x)
+        if kernels is not None:
+            return mamba_cuda.mixer_step(self, x, state, kernels)
+        conv_state, ssm_state = state
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
+        conv_state = torch.cat([conv_state[..., 1:], xs.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+        u = (conv_state.to(xs.dtype) * self.conv1d.weight.squeeze(1)).sum(-1)  # (B, d_inner)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        ct = ssm_state.dtype
+        dt, uc = dt.to(ct), u.to(ct)
+        dA = torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log.to(ct)))  # (B, d_inner, d_state)
+        h = torch.addcmul(dA * ssm_state, (dt * uc).unsqueeze(-1), Bm.to(ct).unsqueeze(1))
+        y = torch.matmul(h, Cm.to(ct).unsqueeze(-1)).squeeze(-1)  # (B, d_inner)
+        y = (y + uc * self.D.to(ct)) * F.silu(z.to(ct))
+        return self.out_proj(y.to(x.dtype)), (conv_state, h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), the residual kept in fp32 if asked."""
+
+    def __init__(self, d_model: int, norm: nn.Module, mixer: MambaMixer, residual_in_fp32: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.mixer = mixer
+        self.residual_in_fp32 = residual_in_fp32
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return x.float() if self.residual_in_fp32 else x
+
+    def forward(self, x: Tensor, state: LayerState | None = None, return_state: bool = True) -> tuple[Tensor, LayerState | None]:
+        """Residual stream x (B, L, D) -> (x_out, state after the last token)."""
+        out, state = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, return_state)
+        return self._residual(x) + out, state
+
+    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token of the residual stream x (B, D) -> (x_out, next state)."""
+        out, state = self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state)
+        return self._residual(x) + out, state
+
+
+class MixerModel(nn.Module):
+    """Embedding, blocks and final norm; named like mamba_ssm's ``MixerModel``."""
+
+    def __init__(self, vocab_size: int, d_model: int, layers: list[Block], norm_f: nn.Module) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = norm_f
+
+
+def _check_config(c: dict[str, Any]) -> None:
+    """Reject sizes and options that cannot build a Mamba, naming the fix."""
+    for key in ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "pad_vocab_size_multiple"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"Mamba {key} must be a positive integer, got {v!r}")
+    if isinstance(c["expand"], bool) or not isinstance(c["expand"], (int, float)) or int(c["expand"] * c["d_model"]) < 1:
+        raise ConfigError(f"Mamba expand must be a positive number (d_inner = expand * d_model), got {c['expand']!r}")
+    r = c["dt_rank"]
+    if r != "auto" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise ConfigError(f"Mamba dt_rank must be 'auto' (= ceil(d_model / 16)) or a positive integer, got {r!r}")
+    if not 0 < c["dt_min"] <= c["dt_max"]:
+        raise ConfigError(f"Mamba needs 0 < dt_min <= dt_max, got dt_min={c['dt_min']}, dt_max={c['dt_max']}")
+    if c["use_kernels"] not in ("auto", True, False):
+        raise ConfigError(f"Mamba use_kernels must be 'auto', true or false, got {c['use_kernels']!r}")
+
+
+@register_backbone("mamba")
+class Mamba(Backbone):
+    """Mamba-1 LM (mamba_ssm ``MambaLMHeadModel`` layout); logits sliced to ``vocab_size``."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layer: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        rms_norm: bool = True,
+        residual_in_fp32: bool = True,
+        norm_epsilon: float = 1e-5,
+        pad_vocab_size_multiple: int = 8,
+        tie_embeddings: bool = True,
+        use_kernels: bool | str = "auto",
+    ) -> None:
+        config = dict(
+            vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, d_state=d_state, d_conv=d_conv,
+            expand=expand, dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+            conv_bias=conv_bias, bias=bias, rms_norm=rms_norm, residual_in_fp32=residual_in_fp32,
+            norm_epsilon=norm_epsilon, pad_vocab_size_multiple=pad_vocab_size_multiple,
+            tie_embeddings=tie_embeddings, use_kernels=use_kernels,
+        )
+        _check_config(config)
+        if use_kernels is True:
+            mamba_cuda.require_kernels()
+        super().__init__(**config)
+        self.tie_embeddings = tie_embeddings
+        padded = -(-vocab_size // pad_vocab_size_multiple) * pad_vocab_size_multiple
+
+        def norm() -> nn.Module:
+            return RMSNorm(d_model, norm_epsilon) if rms_norm else nn.LayerNorm(d_model, eps=norm_epsilon)
+
+        mixer_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
+                        dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias,
+                        use_kernels=use_kernels)
+        layers = [Block(d_model, norm(), MambaMixer(d_model, **mixer_kw), residual_in_fp32) for _ in range(n_layer)]
+        self.backbone = MixerModel(padded, d_model, layers, norm())
+        self.lm_head = nn.Linear(d_model, padded, bias=False)
+        self._init_weights(n_layer)
+        if tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self, n_layer: int) -> None:
+        """mamba_ssm's ``_init_weights``: zero biases (not dt_proj's), N(0, 0.02) embedding,
+        out_proj re-drawn and scaled by 1/sqrt(n_layer) (GPT-2 prenorm-residual scheme)."""
+        keep = {id(layer.mixer.dt_proj.bias) for layer in self.backbone.layers}
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and id(m.bias) not in keep:
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for layer in self.backbone.layers:
+            p = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            p /= math.sqrt(n_layer)
+
+    # -- Backbone interface ------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks (``backbone.layers``)."""
+        return self.backbone.layers
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids (B, L) or (B,) -> embeddings (B, L, D) or (B, D)."""
+        return self.backbone.embedding(input_ids)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """Per layer (conv_state, ssm_state), all zeros."""
+        dtype = self.backbone.embedding.weight.dtype
+        device = device if device is not None else self.backbone.embedding.weight.device
+        return tuple(layer.mixer.init_state(batch_size, device, dtype) for layer in self.blocks)
+
+    def forward(self, input_ids: Tensor, state: State | None = None, *, return_state: bool = True) -> BackboneOutput:
+        """Token ids (B, L) -> logits (B, L, V) and the state (None if ``return_state=False``,
+        which lets CUDA training use the fused kernel)."""
+        self.check_ids(input_ids, ndim=2)
+        return self.forward_embeds(self.embed(input_ids), state, return_state=return_state)
+
+    def forward_embeds(self, x: Tensor, state: State | None = None, *, return_state: bool = True) -> BackboneOutput:
+        """Embeddings (B, L, D) continuing from ``state`` (None = fresh) -> logits and state."""
+        states = self._check_state(state, x.shape[0]) if state is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block(x, s, return_state)
+            new_states.append(s)
+        return BackboneOutput(self._logits(x), tuple(new_states) if return_state else None)
+
+    def step_embeds(self, x: Tensor, state: State) -> BackboneOutput:
+        """One token's embedding (B, D) -> logits (B, V) and the next state."""
+        states = self._check_state(state, x.shape[0])
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block.step(x, s)
+            new_states.append(s)
+        return BackboneOutput(self._logits(x), tuple(new_states))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        h = self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(h)[..., : self.vocab_size]  # drop the padding rows of the vocab
+
+    def _check_state(self, state: State, batch: int) -> State:
+        ok = isinstance(state, (tuple, list)) and len(state) == len(self.blocks) and all(
+            isinstance(s, (tuple, list)) and len(s) == 2 and s[0].shape[0] == batch for s in state
+        )
+        if not ok:
+            raise ConfigError(
+                f"Mamba state must be {len(self.blocks)} (conv_state, ssm_state) pairs with batch size "
+                f"{batch}; pass the .state returned by this model (or model.init_state({batch}))."
+            )
+        return state
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write mamba_ssm's layout: ``config.json`` + ``pytorch_model.bin`` (lm_head included)."""
+        c = self.config
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ssm_cfg = {k: c[k] for k in _SSM_KEYS}
+        cfg = dict(
+            d_model=c["d_model"], n_layer=c["n_layer"], vocab_size=c["vocab_size"], ssm_cfg=ssm_cfg,
+            rms_norm=c["rms_norm"], residual_in_fp32=c["residual_in_fp32"], fused_add_norm=True,
+            pad_vocab_size_multiple=c["pad_vocab_size_multiple"], tie_embeddings=c["tie_embeddings"],
+        )
+        if c["norm_epsilon"] != 1e-5:  # mamba_ssm's MambaConfig has no such field; only write it when needed
+            cfg["norm_epsilon"] = c["norm_epsilon"]
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+        torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / "pytorch_model.bin")
+
+
+# ---- checkpoint formats ------------------------------------------------------------------
+_SSM_KEYS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor", "conv_bias", "bias")
+_SSM_INIT_ONLY = ("dt_init", "dt_scale", "use_fast_path", "layer_idx", "device", "dtype")
+
+
+def _peek_config(path: Path) -> dict[str, Any] | None:
+    """config.json of a directory, or None when absent/unreadable (detection must not raise)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _detect_mamba_ssm(path: Path) -> bool:
+    cfg = _peek_config(path)
+    # ssm_cfg is what sets mamba_ssm configs apart (RWKV/HF have model_type, native has prosg_family).
+    return cfg is not None and "ssm_cfg" in cfg and "d_model" in cfg and "model_type" not in cfg and "prosg_family" not in cfg
+
+
+def _detect_hf_mamba(path: Path) -> bool:
+    cfg = _peek_config(path)
+    return cfg is not None and cfg.get("model_type") == "mamba"
+
+
+def _need(cfg: dict[str, Any], key: str, source: Path) -> Any:
+    if key not in cfg:
+        raise CheckpointError(f"{str(source / 'config.json')!r} has no {key!r}; the file is incomplete, re-export it")
+    return cfg[key]
+
+
+def _build(kwargs: dict[str, Any], source: Path) -> Mamba:
+    try:
+        return Mamba(**kwargs)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"config.json in {str(source)!r} does not describe a valid Mamba: {e}") from None
+
+
+def _load_into(model: Mamba, sd: dict[str, Tensor], source: str) -> Mamba:
+    """Strict load; a tied checkpoint may omit lm_head.weight (HF drops it) or repeat the embedding."""
+    if model.tie_embeddings and "backbone.embedding.weight" in sd:
+        emb = sd["backbone.embedding.weight"]
+        head = sd.get("lm_head.weight")
+        if head is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
+            raise CheckpointError(
+                f"checkpoint {source}: lm_head.weight differs from backbone.embedding.weight but the config "
+                "ties them; set tie_embeddings (tie_word_embeddings for HF) to false in config.json"
+            )
+        sd["lm_head.weight"] = emb
+    load_state_strict(model, sd, source)
+    return model
+
+
+def load_mamba_ssm(path: Path) -> Mamba:
+    """A mamba_ssm ``save_pretrained`` directory (config.json + pytorch_model.bin)."""
+    path = Path(path)
+    cfg = read_json(path / "config.json")
+    ssm = dict(cfg.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise CheckpointError(f"{str(path)!r} is a {layer} checkpoint; ProSG's mamba backbone is Mamba-1 only")
+    if cfg.get("d_intermediate", 0) or cfg.get("attn_layer_idx"):
+        raise CheckpointError(
+            f"{str(path)!r} has MLP (d_intermediate) or attention (attn_layer_idx) layers, which ProSG's "
+            "pure Mamba-1 backbone does not have; use a plain Mamba checkpoint"
+        )
+    for k in _SSM_INIT_ONLY:
+        ssm.pop(k, None)
+    unknown = sorted(set(ssm) - set(_SSM_KEYS))
+    if unknown:
+        raise CheckpointError(f"{str(path)!r}: unsupported ssm_cfg keys {unknown}; supported: {list(_SSM_KEYS)}")
+    kwargs = dict(
+        vocab_size=_need(cfg, "vocab_size", path), d_model=_need(cfg, "d_model", path),
+        n_layer=_need(cfg, "n_layer", path), rms_norm=cfg.get("rms_norm", True),
+        residual_in_fp32=cfg.get("residual_in_fp32", True), norm_epsilon=cfg.get("norm_epsilon", 1e-5),
+        pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
+        tie_embeddings=cfg.get("tie_embeddings", True), **ssm,
+    )
+    model = _build(kwargs, path)
+    weights = find_weight_file(path, ("pytorch_model.bin", "model.safetensors"))
+    return _load_into(model, load_weights(weights), repr(str(weights)))
+
+
+def load_hf_mamba(path: Path) -> Mamba:
+    """A transformers ``MambaForCausalLM`` directory (config.json with model_type 'mamba')."""
+    path = Path(path)
+    cfg = read_json(path / "config.json")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{str(path)!r}: hidden_act {cfg['hidden_act']!r} is not supported (Mamba uses silu)")
+    hidden = _need(cfg, "hidden_size", path)
+    expand = cfg.get("expand", 2)
+    inter = cfg.get("intermediate_size")
+    if inter is not None and inter != int(expand * hidden):
+        expand = inter // hidden if inter % hidden == 0 else inter / hidden
+        if int(expand * hidden) != inter:
+            raise CheckpointError(f"{str(path)!r}: intermediate_size {inter} is not expand * hidden_size")
+    kwargs = dict(
+        vocab_size=_need(cfg, "vocab_size", path), d_model=hidden, n_layer=_need(cfg, "num_hidden_layers", path),
+        d_state=cfg.get("state_size", 16), d_conv=cfg.get("conv_kernel", 4), expand=expand,
+        dt_rank=cfg.get("time_step_rank", "auto"), dt_min=cfg.get("time_step_min", 0.001),
+        dt_max=cfg.get("time_step_max", 0.1), dt_init_floor=cfg.get("time_step_floor", 1e-4),
+        conv_bias=cfg.get("use_conv_bias", True), bias=cfg.get("use_bias", False), rms_norm=True,
+        residual_in_fp32=cfg.get("residual_in_fp32", True), norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
+        pad_vocab_size_multiple=1,  # HF stores the vocab unpadded
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+    )
+    model = _build(kwargs, path)
+    weights = find_weight_file(path)
+    sd = load_weights(weights)
+    if not any(k.startswith("backbone.") for k in sd):  # a bare MambaModel, saved without the LM wrapper
+        sd = {k if k.startswith("lm_head.") else "backbone." + k: v for k, v in sd.items()}
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding.", 1): v for k, v in sd.items()}
+    return _load_into(model, sd, repr(str(weights)))
+
+
+register_format(
+    "mamba_ssm", _detect_mamba_ssm, load_mamba_ssm,
+    "mamba_ssm: directory with config.json (d_model, n_layer, vocab_size, ssm_cfg) + pytorch_model.bin",
+)
+register_format(
+    "hf-mamba", _detect_hf_mamba, load_hf_mamba,
+    "hf-mamba: transformers MambaForCausalLM directory (config.json model_type 'mamba' + model.safetensors or pytorch_model.bin)",
+)

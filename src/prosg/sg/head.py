@@ -1,0 +1,272 @@
+"""The ProSG head (design.md §3): a synthetic-gradient network, rank-r compression, and injection.
+
+Lifecycle: ``SGHead(...)`` holds only the config; ``attach(backbone)`` resolves the target
+linears by name and creates the parameters that depend on their shapes. ``session(prompt_len)``
+is a context manager that hooks the backbone for one batch:
+
+* in a parallel forward over prompt + response, each target linear computes its delta from the
+  first ``prompt_len[b]`` positions of sample b (its inputs X and the residual stream H entering
+  its block) and adds it to every later position — one pass, exact, since prompt positions never
+  see the delta;
+* after ``session.start_steps()``, every call (one generated token) gets the stored delta.
+
+The backbone is not modified: everything goes through forward hooks on its modules.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prosg.errors import ConfigError
+from prosg.sg.compress import COMPRESSIONS, compress
+
+MODES = ("synthetic", "oracle")
+
+
+@dataclass
+class Target:
+    """One linear layer the head writes a delta into."""
+
+    name: str
+    index: int  # position among the head's targets (selects e_ℓ, η_ℓ, slot queries)
+    block: int  # index of the residual block that contains it
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class Session:
+    """Per-batch state shared by the hooks."""
+
+    prompt_len: Tensor  # (B,)
+    oracle: dict[str, Tensor] | None = None  # target name -> ∂L_prompt/∂Y (B, P, o)
+    stepping: bool = False
+    context: dict[int, Tensor] = field(default_factory=dict)  # block -> H (B, L, D) of the parallel pass
+    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (U (B,o,r), V (B,i,r))
+    synthetic: dict[str, Tensor] = field(default_factory=dict)  # name -> Δ̂ (B, P, o), for the aux loss
+
+    def start_steps(self) -> None:
+        """From now on every forward is one generated token: apply the stored deltas everywhere."""
+        if not self.factors:
+            raise RuntimeError("start_steps() before a prompt pass computed the deltas")
+        self.stepping = True
+
+
+class SGHead(nn.Module):
+    """Prompt synthetic gradients -> per-sample low-rank deltas on named target linears."""
+
+    def __init__(
+        self,
+        targets: Sequence[str] | None = None,
+        rank: int = 8,
+        compression: str = "slots",
+        d_hidden: int = 128,
+        d_layer_emb: int = 32,
+        transform_inputs: bool = True,
+        mode: str = "synthetic",
+        aux_weight: float = 0.0,
+        eta_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"sg_head.compression={compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+        if mode not in MODES:
+            raise ConfigError(f"sg_head.mode={mode!r}; choose one of {', '.join(MODES)}")
+        if rank < 1:
+            raise ConfigError(f"sg_head.rank={rank} must be >= 1")
+        self.target_patterns = list(targets) if targets else None
+        self.rank, self.compression, self.mode = rank, compression, mode
+        self.d_hidden, self.d_layer_emb = d_hidden, d_layer_emb
+        self.transform_inputs, self.aux_weight, self.eta_init = transform_inputs, aux_weight, eta_init
+        self.targets: list[Target] = []
+        self._backbone_ref: list[nn.Module] = []  # a list so the backbone is not registered as a submodule
+
+    # -- construction --------------------------------------------------------------------
+    def attach(self, backbone: nn.Module) -> None:
+        """Resolve target linears on ``backbone`` and build the shape-dependent parameters."""
+        if self.targets:
+            raise RuntimeError("this SGHead is already attached to a backbone")
+        names = self.target_patterns or [n for n in backbone.linear_names() if _in_block(backbone, n)]
+        linears = backbone.target_linears(names)
+        for k, (name, lin) in enumerate(linears.items()):
+            limit = min(lin.in_features, lin.out_features)
+            if self.compression != "full" and self.rank > limit:
+                raise ConfigError(
+                    f"sg_head.rank={self.rank} exceeds what layer {name!r} ({lin.out_features}x"
+                    f"{lin.in_features}) allows (max {limit}); lower the rank or target larger layers."
+                )
+            self.targets.append(Target(name, k, backbone.block_index(name), lin.in_features, lin.out_features))
+        self._backbone_ref = [backbone]
+        n, d_ctx, h = len(self.targets), backbone.d_model, self.d_hidden
+        self.layer_emb = nn.Embedding(n, self.d_layer_emb)
+        self.ctx_norm = nn.LayerNorm(d_ctx)
+        self.trunk = nn.Sequential(  # shared by all layers (MEND-style), told apart by e_ℓ
+            nn.Linear(d_ctx + self.d_layer_emb, h), nn.GELU(), nn.Linear(h, h), nn.GELU()
+        )
+        # Output heads are shared between layers of equal shape; zero-initialised so a fresh
+        # head produces Δ̂ = 0 and leaves the backbone's outputs exactly unchanged.
+        self.grad_out = nn.ModuleDict({str(o): _zero_linear(h, o) for o in sorted({t.d_out for t in self.targets})})
+        if self.transform_inputs:
+            dims = sorted({t.d_in for t in self.targets})
+            self.in_read = nn.ModuleDict({str(i): nn.Linear(i, h) for i in dims})
+            self.in_norm = nn.ModuleDict({str(i): nn.LayerNorm(i) for i in dims})
+            self.in_write = nn.ModuleDict({str(i): _zero_linear(h, i) for i in dims})
+        if self.compression == "slots":
+            self.slot_queries = nn.Parameter(torch.randn(n, self.rank, h) / math.sqrt(h))
+            self.slot_keys = nn.Linear(h, h, bias=False)
+        self.eta = nn.Parameter(torch.full((n,), float(self.eta_init)))
+        ref = next(backbone.parameters())
+        self.to(device=ref.device, dtype=ref.dtype)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The backbone this head is attached to."""
+        if not self._backbone_ref:
+            raise RuntimeError("SGHead.attach(backbone) has not been called")
+        return self._backbone_ref[0]
+
+    # -- the method ------------------------------------------------------------------------
+    def features(self, h: Tensor, target: Target) -> Tensor:
+        """Shared trunk over the block context H (B, P, D) and the layer embedding -> (B, P, d_hidden)."""
+        e = self.layer_emb.weight[target.index].expand(*h.shape[:-1], -1)
+        return self.trunk(torch.cat([self.ctx_norm(h), e], dim=-1))
+
+    def factors(self, target: Target, x: Tensor, h: Tensor, mask: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt inputs X (B,P,i), context H (B,P,D), mask (B,P) -> (U, V, Δ̂) for one target."""
+        feats = self.features(h, target)
+        if grad is None:
+            grad = self.grad_out[str(target.d_out)](feats)  # Δ̂ (B, P, o)
+        if self.transform_inputs and self.mode == "synthetic":
+            key = str(target.d_in)
+            x = x + self.in_write[key](F.gelu(self.in_read[key](self.in_norm[key](x)) + feats))
+        alpha = None
+        if self.compression == "slots":
+            scores = torch.einsum("rh,bph->brp", self.slot_queries[target.index], self.slot_keys(feats))
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf")) / math.sqrt(self.d_hidden)
+            alpha = torch.softmax(scores, dim=-1)
+        u, v = compress(self.compression, grad, x, mask, self.rank, alpha)
+        return u, v, grad
+
+    def apply_delta(self, target: Target, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """−η U (Vᵀ x) for inputs x (B, ..., i): the delta's contribution to the layer output."""
+        xv = torch.einsum("b...i,bir->b...r", x, v)
+        return -self.eta[target.index] * torch.einsum("b...r,bor->b...o", xv, u)
+
+    # -- hooks -------------------------------------------------------------------------------
+    @contextmanager
+    def session(self, prompt_len: Tensor, oracle: dict[str, Tensor] | None = None) -> Iterator[Session]:
+        """Hook the backbone for one batch whose sample b has a prompt of ``prompt_len[b]`` tokens."""
+        if self.mode == "oracle" and oracle is None:
+            raise ConfigError("sg_head.mode='oracle' needs the prompt gradients: use prompt_gradients() first")
+        backbone = self.backbone
+        s = Session(prompt_len=prompt_len.to(torch.long), oracle=oracle)
+        modules = dict(backbone.named_modules())
+        handles = []
+        for b in sorted({t.block for t in self.targets}):
+            handles.append(backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b)))
+        for t in self.targets:
+            handles.append(modules[t.name].register_forward_hook(self._linear_hook(s, t)))
+        try:
+            yield s
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def _context_hook(self, s: Session, block: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not s.stepping:
+                s.context[block] = args[0]
+        return hook
+
+    def _linear_hook(self, s: Session, t: Target):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            x = args[0]
+            if s.stepping:
+                u, v = s.factors[t.name]
+                return out + self.apply_delta(t, x, u, v)
+            L = x.shape[1]
+            P = int(s.prompt_len.max().clamp(max=L))
+            pos = torch.arange(L, device=x.device)
+            mask = pos[None, :P] < s.prompt_len[:, None]  # (B, P) prompt positions
+            grad = None if s.oracle is None else s.oracle[t.name][:, :P]
+            u, v, g = self.factors(t, x[:, :P], s.context[t.block][:, :P], mask, grad)
+            s.factors[t.name] = (u, v)
+            s.synthetic[t.name] = g
+            after = (pos[None, :] >= s.prompt_len[:, None]).to(out.dtype)  # (B, L)
+            return out + self.apply_delta(t, x, u, v) * after[..., None]
+        return hook
+
+    # -- oracle and the DNI auxiliary loss ---------------------------------------------------
+    def prompt_gradients(self, input_ids: Tensor, prompt_len: Tensor) -> dict[str, Tensor]:
+        """∂L_prompt/∂Y_ℓ (B, P, o) for every target: L = per-sample mean next-token CE on the prompt."""
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "the true-gradient oracle (and aux_weight > 0) needs autograd during evaluation: "
+                "set `trainer.inference_mode: false` in the config."
+            )
+        backbone = self.backbone
+        P = int(prompt_len.max())
+        ids = input_ids[:, :P]
+        modules = dict(backbone.named_modules())
+        probes: dict[str, Tensor] = {}
+
+        def probe(name: str):
+            def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                eps = torch.zeros_like(out, requires_grad=True)  # ∂L/∂eps == ∂L/∂Y
+                probes[name] = eps
+                return out + eps
+            return hook
+
+        handles = [modules[t.name].register_forward_hook(probe(t.name)) for t in self.targets]
+        try:
+            with torch.enable_grad():
+                logits = backbone(ids).logits[:, :-1]
+                pos = torch.arange(1, P, device=ids.device)
+                valid = (pos[None, :] < prompt_len[:, None]).to(logits.dtype)  # target t is a prompt token
+                nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+                loss = ((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).sum()
+                names = [t.name for t in self.targets]
+                grads = torch.autograd.grad(loss, [probes[n] for n in names], allow_unused=True)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {n: (torch.zeros_like(probes[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
+
+    def aux_loss(self, s: Session, true_grads: dict[str, Tensor]) -> Tensor:
+        """DNI-style regression of Δ̂ onto the true prompt gradient (scale-free MSE, mean over layers)."""
+        terms = []
+        for t in self.targets:
+            g_hat, g = s.synthetic[t.name], true_grads[t.name][:, : s.synthetic[t.name].shape[1]]
+            P = g.shape[1]
+            mask = (torch.arange(P, device=g.device)[None, :] < s.prompt_len[:, None]).to(g.dtype)[..., None]
+            err = ((g_hat - g) ** 2 * mask).sum() / ((g**2 * mask).sum() + 1e-12)
+            terms.append(err)
+        return torch.stack(terms).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"targets={len(self.targets) or self.target_patterns}, rank={self.rank}, "
+            f"compression={self.compression!r}, mode={self.mode!r}, transform_inputs={self.transform_inputs}"
+        )
+
+
+def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def _in_block(backbone: nn.Module, name: str) -> bool:
+    try:
+        backbone.block_index(name)
+        return True
+    except ConfigError:
+        return False

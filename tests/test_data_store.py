@@ -1,0 +1,172 @@
+"""On-disk datasets (manifest, checksums, StoredDataModule) and the ``prosg data build/show`` CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prosg.data.cli import main
+from prosg.data.datamodule import ConstructedDataModule, JSONLDataModule, StoredDataModule
+from prosg.data.store import read_dataset, read_manifest, sha256_file, write_dataset
+from prosg.data.tasks import GENERATOR_VERSION
+from prosg.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dm(**kw):
+    args = dict(tasks=[{"name": "recall", "response_len": 60}, {"name": "copy", "seq_len": 5, "n_repeats": 2}],
+                train_size=30, val_size=10, test_size=6, batch_size=4, seed=7, eval_distance_scale=2.0)
+    args.update(kw)
+    return ConstructedDataModule(**args)
+
+
+def generated(d, split):
+    return [d.dataset(split)[i] for i in range(d.sizes[split])]
+
+
+def test_round_trip_with_manifest(tmp_path):
+    d = dm()
+    mpath = write_dataset(d, tmp_path / "ds")
+    manifest = json.loads(mpath.read_text())
+    assert manifest["counts"] == {"train": 30, "val": 10, "test": 6}
+    assert manifest["generator_version"] == GENERATOR_VERSION and manifest["seed"] == 7
+    assert manifest["info"]["splits"]["val"][0]["response_len"] == 120  # eval knobs recorded per split
+    for split, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(tmp_path / "ds" / entry["file"])
+    back = read_dataset(tmp_path / "ds")
+    for split in ("train", "val", "test"):
+        assert back[split] == generated(d, split)
+
+
+def test_writing_is_deterministic(tmp_path):
+    write_dataset(dm(), tmp_path / "a")
+    write_dataset(dm(), tmp_path / "b")
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_tampered_missing_and_absent_files_are_detected(tmp_path):
+    out = tmp_path / "ds"
+    write_dataset(dm(), out)
+    lines = (out / "val.jsonl").read_text().splitlines()
+    ex = json.loads(lines[3])
+    ex["response_ids"][5] += 1
+    lines[3] = json.dumps(ex, sort_keys=True, separators=(",", ":"))
+    (out / "val.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"checksum mismatch for .*val.jsonl.*prosg data build"):
+        read_dataset(out)
+    assert read_dataset(out, splits=["train"])["train"]  # the untouched split still reads
+    assert len(read_dataset(out, verify=False)["val"]) == 10
+    (out / "test.jsonl").unlink()
+    with pytest.raises(DataError, match="test.jsonl is listed in manifest.json but missing"):
+        read_dataset(out, splits=["test"])
+    with pytest.raises(DataError, match="not a stored dataset"):
+        read_manifest(tmp_path / "empty")
+
+
+def test_overwrite_and_split_selection(tmp_path):
+    out = tmp_path / "ds"
+    write_dataset(dm(), out, splits=["val"])
+    assert read_manifest(out)["counts"] == {"val": 10} and not (out / "train.jsonl").exists()
+    with pytest.raises(ConfigError, match="already holds a dataset.*--overwrite"):
+        write_dataset(dm(), out)
+    write_dataset(dm(), out, overwrite=True)
+    assert read_manifest(out)["counts"] == {"train": 30, "val": 10, "test": 6}
+    with pytest.raises(ConfigError, match="not available"):
+        write_dataset(dm(test_size=0), tmp_path / "x", splits=["test"])
+
+
+def test_stored_datamodule_gives_the_generated_batches(tmp_path):
+    d = dm()
+    write_dataset(d, tmp_path / "ds")
+    s = StoredDataModule(str(tmp_path / "ds"), batch_size=4)
+    assert (s.vocab_size, s.pad_id, s.bucket_edges, s.max_len, s.tasks) == (d.vocab_size, d.pad_id, d.bucket_edges, d.max_len, d.tasks)
+    s.setup("fit")
+    for a, b in zip(s.val_dataloader(), d.val_dataloader()):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] == b[k]) if isinstance(a[k], list) else a[k].equal(b[k])
+    ex = s.dataset("val")[0]
+    assert s.decode_tokens(ex, ex["prompt_ids"]) == d.decode_tokens(ex, ex["prompt_ids"])
+
+
+def test_examples_and_jsonl_sources(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "ab", "response": "cd"}) + "\n")
+    j = JSONLDataModule(train_path=str(src))
+    write_dataset(j, tmp_path / "j")
+    assert read_dataset(tmp_path / "j")["train"] == [j.dataset("train")[0]]
+    assert read_manifest(tmp_path / "j")["info"]["source"] == "jsonl"
+    exs = [dm().dataset("train")[i] for i in range(3)]
+    write_dataset(exs, tmp_path / "e")
+    assert read_dataset(tmp_path / "e") == {"train": exs}
+
+
+def test_parquet_round_trip_or_clear_error(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install pyarrow"):
+            write_dataset(dm(), tmp_path / "p", fmt="parquet")
+        return
+    d = dm()
+    write_dataset(d, tmp_path / "p", fmt="parquet")
+    assert read_dataset(tmp_path / "p")["val"] == generated(d, "val")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_build_then_show_highlights_answers(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = tmp_path / "recall.yaml"
+    cfg.write_text(
+        "class_path: prosg.data.datamodule.ConstructedDataModule\n"
+        "init_args:\n  tasks: {name: recall, response_len: 48}\n  train_size: 12\n  val_size: 4\n  test_size: 4\n"
+    )
+    out = tmp_path / "built"
+    assert main(["build", "--config", str(cfg), "--out", str(out), "--splits", "train", "val"]) == 0
+    assert "wrote 12 train, 4 val examples" in capsys.readouterr().out
+    assert read_manifest(out)["counts"] == {"train": 12, "val": 4}
+
+    assert main(["show", "--config", str(cfg), "--split", "val", "-n", "2", "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    ex = ConstructedDataModule(tasks={"name": "recall", "response_len": 48}, val_size=4).dataset("val")[0]
+    prompt_answers = [(f"v{t - 21}", d) for t, k, d in zip(ex["response_ids"], ex["answer_kind"], ex["distance"]) if k == 2]
+    local_answers = [f"v{t - 21}" for t, k in zip(ex["response_ids"], ex["answer_kind"]) if k == 1]
+    first = text.split("== val example 1")[0]
+    for v, d in prompt_answers:
+        assert f"[{v} d={d}]" in first
+    for v in local_answers:
+        assert f"({v})" in first
+    assert "legend:" in text and "== val example 0: task=recall n_facts=4" in text and "\x1b[" not in text
+
+    assert main(["show", "--path", str(out), "--split", "val", "-n", "1", "--color", "always"]) == 0
+    coloured = capsys.readouterr().out
+    assert "\x1b[1;31m[" in coloured and "StoredDataModule" in coloured
+
+
+def test_cli_shows_instruction_and_jsonl(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["show", "--config", "conf/data/instruction.yaml", "-n", "1", "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    assert "Use the word '" in text and " d=0]" in text  # the opener starts every response
+    assert main(["show", "--config", "conf/data/jsonl.yaml", "-n", "1", "--split", "train", "--color", "never"]) == 0
+    assert "(Le ciel est bleu par une journée claire.)" in capsys.readouterr().out
+
+
+def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("class_path: prosg.data.datamodule.ConstructedDataModule\ninit_args:\n  tasks: {name: recall, n_facts: 40}\n")
+    assert main(["show", "--config", str(bad)]) == 2
+    assert "n_keys > n_facts" in capsys.readouterr().err
+    bad.write_text("init_args: {}\n")
+    assert main(["build", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "class_path" in capsys.readouterr().err
+    bad.write_text("class_path: prosg.data.datamodule.ConstructedDataModule\ninit_args: {batch_sise: 3}\n")
+    assert main(["show", "--config", str(bad)]) == 2
+    assert "batch_sise" in capsys.readouterr().err
+    assert main(["show", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["show"]) == 2 and "exactly one of --config" in capsys.readouterr().err

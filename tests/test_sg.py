@@ -1,0 +1,172 @@
+"""The SG head on every backbone: exactness at zero delta, parallel == step, per-sample deltas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prosg.backbones import BACKBONES, build
+from prosg.errors import ConfigError
+from prosg.sg import SGHead, compress
+from prosg.sg.compress import svd_factors
+
+FAMILIES = sorted(BACKBONES)
+V = 24
+
+
+def tiny(name):
+    return build(name, vocab_size=V, d_model=64, n_layer=2).eval()
+
+
+def randomize(head: SGHead, std: float = 0.2) -> None:
+    """Give a fresh head non-zero output layers (they start at zero by design)."""
+    with torch.no_grad():
+        for p in head.grad_out.parameters():
+            p.normal_(0, std)
+        if head.transform_inputs:
+            for p in head.in_write.parameters():
+                p.normal_(0, std)
+
+
+def attached(name, compression="slots", rank=4, **kw):
+    bb = tiny(name)
+    head = SGHead(rank=rank, compression=compression, **kw)
+    head.attach(bb)
+    return bb, head
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fresh_head_changes_nothing(name):
+    bb, head = attached(name)
+    ids = torch.randint(0, V, (3, 10))
+    with torch.no_grad():
+        bare = bb(ids).logits
+        with head.session(torch.tensor([4, 6, 10])):
+            hooked = bb(ids).logits
+    assert torch.equal(bare, hooked)
+
+
+@pytest.mark.parametrize("compression", ["slots", "svd", "full"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parallel_equals_steps_with_delta(name, compression):
+    bb, head = attached(name, compression)
+    randomize(head)
+    ids = torch.randint(0, V, (2, 12))
+    P = 5
+    plen = torch.tensor([P, P])
+    with torch.no_grad():
+        bare = bb(ids).logits
+        with head.session(plen):
+            parallel = bb(ids).logits
+        assert torch.equal(parallel[:, :P], bare[:, :P])  # the prompt never sees its own delta
+        assert (parallel[:, P:] - bare[:, P:]).abs().max() > 1e-3
+        with head.session(plen) as s:
+            out = bb(ids[:, :P])
+            state = out.state
+            s.start_steps()
+            steps = []
+            for t in range(P, 12):
+                o = bb.step(ids[:, t], state)
+                steps.append(o.logits)
+                state = o.state
+    torch.testing.assert_close(torch.stack(steps, 1), parallel[:, P:], atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_sample_gets_its_own_delta(name):
+    bb, head = attached(name, "slots")
+    randomize(head)
+    ids = torch.randint(0, V, (3, 11))
+    plen = torch.tensor([5, 5, 5])
+    swapped = ids[[1, 0, 2]]
+    with torch.no_grad(), head.session(plen):
+        a = bb(ids).logits
+    with torch.no_grad(), head.session(plen):
+        b = bb(swapped).logits
+    torch.testing.assert_close(b, a[[1, 0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_prompts_match_single_samples():
+    bb, head = attached("gpt", "slots")
+    randomize(head)
+    ids = torch.randint(0, V, (2, 12))
+    plen = torch.tensor([4, 7])
+    with torch.no_grad():
+        with head.session(plen):
+            both = bb(ids).logits
+        for b in range(2):
+            with head.session(plen[b : b + 1]):
+                one = bb(ids[b : b + 1]).logits
+            torch.testing.assert_close(one[0], both[b], atol=1e-5, rtol=1e-5)
+
+
+def test_compressions_on_random_factors():
+    torch.manual_seed(0)
+    g, x = torch.randn(2, 6, 9, dtype=torch.double), torch.randn(2, 6, 7, dtype=torch.double)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    G = torch.einsum("bpo,bpi,bp->boi", g, x, mask.double())
+    u, v = compress("full", g, x, mask, rank=3)
+    torch.testing.assert_close(u @ v.transpose(1, 2), G)  # full == the uncompressed sum
+    u, v = compress("svd", g, x, mask, rank=6)  # r >= rank(G) (<= 6 prompt positions): exact
+    torch.testing.assert_close(u @ v.transpose(1, 2), G)
+    u, v = svd_factors(g, x, mask, rank=2)  # r < rank: the best rank-2 approximation (Eckart-Young)
+    U, S, Vh = torch.linalg.svd(G)
+    best = U[..., :2] @ torch.diag_embed(S[..., :2]) @ Vh[..., :2, :]
+    torch.testing.assert_close(u @ v.transpose(1, 2), best, atol=1e-6, rtol=1e-6)
+    alpha = torch.softmax(torch.randn(2, 3, 6, dtype=torch.double), -1)
+    u, v = compress("slots", g, x, mask, rank=3, alpha=alpha)
+    torch.testing.assert_close(u[:, :, 0], (alpha[:, 0, :, None] * g).sum(1))
+
+
+def test_oracle_gradient_equals_autograd():
+    """With full compression, the oracle's U Vᵀ is exactly ∂L_prompt/∂W for every target."""
+    bb, head = attached("gpt", "full", mode="oracle", targets=["attn.qkv", "mlp.fc"])
+    ids = torch.randint(0, V, (2, 9))
+    plen = torch.tensor([9, 6])
+    grads = head.prompt_gradients(ids, plen)
+    with torch.no_grad(), head.session(plen, grads) as s:
+        bb(ids)
+    modules = dict(bb.named_modules())
+    for b in range(2):
+        p = int(plen[b])
+        bb.zero_grad()
+        logits = bb(ids[b : b + 1, :p]).logits
+        F.cross_entropy(logits[0, :-1], ids[b, 1:p]).backward()
+        for t in head.targets:
+            u, v = s.factors[t.name]
+            torch.testing.assert_close(u[b] @ v[b].T, modules[t.name].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_aux_loss_zero_when_synthetic_matches_true():
+    bb, head = attached("gpt", "full", aux_weight=1.0, targets=["attn.qkv"])
+    ids = torch.randint(0, V, (2, 8))
+    plen = torch.tensor([5, 5])
+    true = head.prompt_gradients(ids, plen)
+    with head.session(plen) as s:
+        bb(ids)
+    assert head.aux_loss(s, true).item() == pytest.approx(1.0)  # Δ̂ = 0: relative error 1
+    s.synthetic = {k: v[:, : s.synthetic[k].shape[1]] for k, v in true.items()}
+    assert head.aux_loss(s, true).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rank_larger_than_layer():
+    with pytest.raises(ConfigError, match="rank=65 exceeds what layer"):
+        attached("gpt", "slots", rank=65, targets=["attn.proj"])
+
+
+def test_target_pattern_matching_nothing_lists_names():
+    bb = tiny("gpt")
+    with pytest.raises(ConfigError, match="(?s)matches no linear.*attn.qkv"):
+        SGHead(targets=["in_proj"]).attach(bb)
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="compression"):
+        SGHead(compression="pca")
+    with pytest.raises(ConfigError, match="mode"):
+        SGHead(mode="teacher")
+
+
+def test_oracle_refuses_inference_mode():
+    bb, head = attached("gpt", "full", mode="oracle")
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode: false"):
+        head.prompt_gradients(torch.randint(0, V, (1, 5)), torch.tensor([5]))
