@@ -23,8 +23,8 @@ Run `prosg <command> -h` for the options of a command.
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_main(args: list[str]):
-    """Run a LightningCLI subcommand; returns the CLI object (its trainer holds the results)."""
+def lightning_main(args: list[str], run: bool = True):
+    """Run a LightningCLI subcommand (or, with ``run=False``, only parse + instantiate ``args``)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -43,6 +43,7 @@ def lightning_main(args: list[str]):
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
+        run=run,
     )
 
 

@@ -92,6 +92,7 @@ class ProSGModule(L.LightningModule):
             raise ConfigError("soft prompt tuning trains only the prefix; leave model.freeze_backbone unset or true")
         self.backbone.requires_grad_(not freeze_backbone)
         self.metrics: ForgettingMetrics | None = None
+        self._gen_updated = False
         self.pad_id = 0
 
     def backbone_device(self) -> torch.device:
@@ -183,15 +184,15 @@ class ProSGModule(L.LightningModule):
             sub = {k: (v[group] if isinstance(v, Tensor) else [v[i] for i in group]) for k, v in batch.items()}
             sub = {k: (v[:, : picks.shape[1]] if isinstance(v, Tensor) and v.dim() == 2 else v) for k, v in sub.items()}
             self.gen_metrics.update(sub, torch.cat([onehot[:, 1:], onehot[:, -1:]], dim=1))
+            self._gen_updated = True
 
     def _log_metrics(self, prefix: str) -> None:
-        for name, metrics in (("", self.metrics), ("gen/", self.gen_metrics)):
-            values = metrics.compute()
-            if name and all(math.isnan(v) for k, v in values.items() if k != "ppl"):
-                metrics.reset()
-                continue
-            self.log_dict({f"{prefix}/{name}{k}": v for k, v in values.items() if not (name and k == "ppl")})
-            metrics.reset()
+        self.log_dict({f"{prefix}/{k}": v for k, v in self.metrics.compute().items()})
+        self.metrics.reset()
+        if self._gen_updated:  # free-running scores; perplexity of one-hot picks means nothing
+            self.log_dict({f"{prefix}/gen/{k}": v for k, v in self.gen_metrics.compute().items() if k != "ppl"})
+            self.gen_metrics.reset()
+            self._gen_updated = False
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

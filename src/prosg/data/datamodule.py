@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from prosg.data.tasks import (
     GENERATOR_VERSION,
@@ -117,6 +117,39 @@ class ListDataset(Dataset):
         return self.examples[index]
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning stores in checkpoints (it has ``state_dict``).
+
+    Each epoch's shuffle is seeded by (seed, epoch) instead of the global RNG, and a resumed
+    run skips the batches the interrupted one already consumed, so training resumed from a
+    mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self._epoch, self._served, self._skip = 0, 0, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if isinstance(self.sampler, RandomSampler) and self.sampler.generator is not None:
+            self.sampler.generator.manual_seed(self.seed * 1_000_003 + self._epoch)
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip:  # already trained on before the checkpoint
+                continue
+            self._served = i + 1
+            yield batch
+        self._epoch, self._served = self._epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches served so far (saved by Lightning in every checkpoint)."""
+        return {"epoch": self._epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state``: the next iteration skips the batches already served."""
+        self._epoch, self._skip = int(state["epoch"]), int(state["served"])
+
+
 class _BaseDataModule(L.LightningDataModule):
     """Loaders, DDP size check and display helpers shared by the DataModules below."""
 
@@ -136,15 +169,17 @@ class _BaseDataModule(L.LightningDataModule):
         if split != "train" and split not in self.split_names():
             return []  # no such split configured: Lightning then skips that loop
         ds = self.dataset(split)
-        return DataLoader(
-            ds,
+        common = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=Collator(self.pad_id),
             persistent_workers=self.num_workers > 0,
             pin_memory=getattr(self, "pin_memory", False),
         )
+        if split == "train":
+            sampler = RandomSampler(ds, generator=torch.Generator()) if shuffle else None
+            return ResumableDataLoader(ds, sampler=sampler, seed=int(getattr(self, "seed", 0)), **common)
+        return DataLoader(ds, shuffle=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=getattr(self, "shuffle", True))
