@@ -58,7 +58,7 @@ def test_parallel_equals_steps_with_delta(name, compression):
         with head.session(plen):
             parallel = bb(ids).logits
         assert torch.equal(parallel[:, :P], bare[:, :P])  # the prompt never sees its own delta
-        assert (parallel[:, P:] - bare[:, P:]).abs().max() > 1e-3
+        assert (parallel[:, P:] - bare[:, P:]).abs().max() > 1e-2
         with head.session(plen) as s:
             out = bb(ids[:, :P])
             state = out.state
@@ -68,7 +68,7 @@ def test_parallel_equals_steps_with_delta(name, compression):
                 o = bb.step(ids[:, t], state)
                 steps.append(o.logits)
                 state = o.state
-    torch.testing.assert_close(torch.stack(steps, 1), parallel[:, P:], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(steps, 1), parallel[:, P:], atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -170,3 +170,27 @@ def test_oracle_refuses_inference_mode():
     bb, head = attached("gpt", "full", mode="oracle")
     with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode: false"):
         head.prompt_gradients(torch.randint(0, V, (1, 5)), torch.tensor([5]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_single_sample_generation_merges_and_restores(name):
+    """B=1 without autograd folds ΔW into W while stepping: same logits, weights restored after."""
+    bb, head = attached(name, "slots")
+    randomize(head)
+    ids = torch.randint(0, V, (1, 10))
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    with torch.no_grad():
+        with head.session(torch.tensor([4])):
+            parallel = bb(ids).logits
+        with head.session(torch.tensor([4])) as s:
+            state = bb(ids[:, :4]).state
+            s.start_steps()
+            assert s.merged and not s.hooks  # weights merged, hooks gone
+            steps = []
+            for t in range(4, 10):
+                o = bb.step(ids[:, t], state)
+                steps.append(o.logits)
+                state = o.state
+    torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 4:], atol=2e-4, rtol=1e-3)
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, before[k]), k

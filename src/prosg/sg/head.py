@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +46,53 @@ class Session:
     """Per-batch state shared by the hooks."""
 
     prompt_len: Tensor  # (B,)
+    eta: Tensor  # (n_targets,) the head's step sizes
+    index: dict[str, int]  # target name -> position in eta
     oracle: dict[str, Tensor] | None = None  # target name -> ∂L_prompt/∂Y (B, P, o)
     stepping: bool = False
     context: dict[int, Tensor] = field(default_factory=dict)  # block -> H (B, L, D) of the parallel pass
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (U (B,o,r), V (B,i,r))
     synthetic: dict[str, Tensor] = field(default_factory=dict)  # name -> Δ̂ (B, P, o), for the aux loss
 
+    step_factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (V, −η Uᵀ)
+    linears: dict[str, nn.Module] = field(default_factory=dict)  # name -> the hooked target linear
+    hooks: dict[str, Any] = field(default_factory=dict)  # name -> removable hook handle
+    merged: dict[str, Tensor] = field(default_factory=dict)  # name -> original weight, while merged
+
     def start_steps(self) -> None:
         """From now on every forward is one generated token: apply the stored deltas everywhere."""
         if not self.factors:
             raise RuntimeError("start_steps() before a prompt pass computed the deltas")
+        # fold −η into U once, so each generated token costs two small batched matmuls per layer
+        self.step_factors = {
+            n: (v, (-self.eta[self.index[n]] * u).transpose(1, 2).contiguous()) for n, (u, v) in self.factors.items()
+        }
         self.stepping = True
+        if self.prompt_len.numel() == 1 and not torch.is_grad_enabled():
+            self._merge()
+
+    def _merge(self) -> None:
+        # One sample, no autograd: fold ΔW = −η U Vᵀ into W (as LoRA merges) and drop the hooks,
+        # so generating with the head costs what generating without it does. Undone on exit.
+        with torch.no_grad():
+            for name, (v, u_scaled) in self.step_factors.items():
+                weight = self.linears[name].weight
+                self.merged[name] = weight.detach().clone()
+                weight.add_((v[0] @ u_scaled[0]).T.to(weight.dtype))
+                self.hooks.pop(name).remove()
+        for handle in self.hooks.values():  # block-context hooks are not needed while stepping
+            handle.remove()
+        self.hooks.clear()
+
+    def close(self) -> None:
+        """Remove the hooks and restore merged weights."""
+        with torch.no_grad():
+            for name, original in self.merged.items():
+                self.linears[name].weight.copy_(original)
+        self.merged.clear()
+        for handle in self.hooks.values():
+            handle.remove()
+        self.hooks.clear()
 
 
 class SGHead(nn.Module):
@@ -166,18 +202,17 @@ class SGHead(nn.Module):
         if self.mode == "oracle" and oracle is None:
             raise ConfigError("sg_head.mode='oracle' needs the prompt gradients: use prompt_gradients() first")
         backbone = self.backbone
-        s = Session(prompt_len=prompt_len.to(torch.long), oracle=oracle)
+        s = Session(prompt_len=prompt_len.to(torch.long), eta=self.eta, index={t.name: t.index for t in self.targets}, oracle=oracle)
         modules = dict(backbone.named_modules())
-        handles = []
         for b in sorted({t.block for t in self.targets}):
-            handles.append(backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b)))
+            s.hooks[f"block.{b}"] = backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b))
         for t in self.targets:
-            handles.append(modules[t.name].register_forward_hook(self._linear_hook(s, t)))
+            s.linears[t.name] = modules[t.name]
+            s.hooks[t.name] = modules[t.name].register_forward_hook(self._linear_hook(s, t))
         try:
             yield s
         finally:
-            for hd in handles:
-                hd.remove()
+            s.close()
 
     def _context_hook(self, s: Session, block: int):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -189,8 +224,10 @@ class SGHead(nn.Module):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             x = args[0]
             if s.stepping:
-                u, v = s.factors[t.name]
-                return out + self.apply_delta(t, x, u, v)
+                v, u_scaled = s.step_factors[t.name]
+                if x.dim() == 2:  # (B, i): one token
+                    return out + torch.bmm(torch.bmm(x[:, None], v), u_scaled)[:, 0]
+                return torch.baddbmm(out, torch.bmm(x, v), u_scaled)
             L = x.shape[1]
             P = int(s.prompt_len.max().clamp(max=L))
             pos = torch.arange(L, device=x.device)

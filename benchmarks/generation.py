@@ -1,0 +1,93 @@
+"""Per-token generation time with and without the SG head (rank 8), every backbone, one JSON line each.
+
+    PYTHONPATH=src python benchmarks/generation.py [--quick] [--models mamba,gpt] [--targets PATTERN ...]
+
+Both variants decode the same prompt greedily with ``prosg.generate.generate``; the head is a
+fresh ``SGHead`` whose output layers are randomised (so the delta is non-zero and really
+applied). Variants alternate A/B/A/B and the median per variant is reported, which keeps the
+ratio honest on a noisy shared CPU. Lines:
+
+    {"bench": "generate_sg", "model", "variant": "bare"|"sg", "ms_per_token", ...}
+    {"bench": "ratio", "what": "<model>_sg_vs_bare_ms_per_token", "value", "target": 1.10}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+import torch  # noqa: E402
+
+from prosg.backbones import BACKBONES, build  # noqa: E402
+from prosg.generate import generate  # noqa: E402
+from prosg.sg import SGHead  # noqa: E402
+
+FULL = dict(d_model=256, n_layer=4, vocab=512, prompt_len=64, new_tokens=128, repeats=5)
+QUICK = dict(d_model=64, n_layer=2, vocab=128, prompt_len=16, new_tokens=16, repeats=2)
+
+
+def emit(record: dict) -> None:
+    """One JSON line, flushed."""
+    print(json.dumps(record), flush=True)
+
+
+def time_generation(backbone, prompt: torch.Tensor, new_tokens: int, head) -> float:
+    """Milliseconds per generated token (prompt pass excluded by subtracting a 1-token run)."""
+    t0 = time.perf_counter()
+    generate(backbone, prompt, new_tokens, sg_head=head)
+    full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generate(backbone, prompt, 1, sg_head=head)
+    prompt_only = time.perf_counter() - t0
+    return 1000 * max(full - prompt_only, 1e-9) / (new_tokens - 1)
+
+
+def bench(name: str, cfg: dict, rank: int, targets: list[str] | None) -> None:
+    """Measure one backbone with and without a head and emit the ratio."""
+    torch.manual_seed(0)
+    backbone = build(name, vocab_size=cfg["vocab"], d_model=cfg["d_model"], n_layer=cfg["n_layer"]).eval()
+    head = SGHead(targets=targets, rank=rank)
+    head.attach(backbone)
+    with torch.no_grad():
+        for p in head.grad_out.parameters():
+            p.normal_(0, 0.02)
+    prompt = torch.randint(0, cfg["vocab"], (1, cfg["prompt_len"]))
+    times = {"bare": [], "sg": []}
+    for variant in ("bare", "sg"):  # warm-up
+        time_generation(backbone, prompt, 4, head if variant == "sg" else None)
+    for _ in range(cfg["repeats"]):
+        for variant in ("bare", "sg"):
+            times[variant].append(time_generation(backbone, prompt, cfg["new_tokens"], head if variant == "sg" else None))
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    for variant, ms in med.items():
+        emit({"bench": "generate_sg", "model": name, "variant": variant, "ms_per_token": round(ms, 4),
+              "rank": rank, "targets": len(head.targets), "d_model": cfg["d_model"], "n_layer": cfg["n_layer"],
+              "threads": torch.get_num_threads()})
+    emit({"bench": "ratio", "what": f"{name}_sg_vs_bare_ms_per_token", "value": round(med["sg"] / med["bare"], 4),
+          "target": 1.10})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options and run every requested backbone."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p.add_argument("--models", default=",".join(sorted(BACKBONES)))
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="*", default=None, help="target patterns (default: every linear in a block)")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    for name in args.models.split(","):
+        bench(name, cfg, args.rank, args.targets)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
