@@ -1,10 +1,9 @@
-import os
-
 import pytest
 import torch
 
-# Two cores on CI: keep torch from oversubscribing when pytest-xdist or subprocesses run.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny test tensors gain nothing from a second one, and on a busy
+# 2-core machine a multi-threaded op waits for a descheduled worker (ms instead of us).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ ProSG commands:
   generate   a checkpoint + a prompt -> streamed continuation
   data       build / show the constructed prompt-forgetting dataset
   demo       the built-in default run (small models, minutes on a CPU)
+  sweep      a grid of experiments x seeds (conf/sweep/*.yaml): launch, resume, collect tables + plots
 
 Run `prosg <command> -h` for the options of a command.
 """
@@ -74,6 +75,10 @@ def _dispatch(argv: list[str]) -> int:
         from prosg.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "sweep":
+        from prosg.sweep import main as sweep_main
+
+        return sweep_main(rest)
     if command == "data":
         from prosg.data.cli import main as data_main
 

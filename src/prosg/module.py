@@ -187,10 +187,13 @@ class ProSGModule(L.LightningModule):
             self._gen_updated = True
 
     def _log_metrics(self, prefix: str) -> None:
-        self.log_dict({f"{prefix}/{k}": v for k, v in self.metrics.compute().items()})
+        # compute() already all-reduced the states; sync_dist only tells Lightning so (no second reduction
+        # of equal values changes them)
+        self.log_dict({f"{prefix}/{k}": v for k, v in self.metrics.compute().items()}, sync_dist=True)
         self.metrics.reset()
         if self._gen_updated:  # free-running scores; perplexity of one-hot picks means nothing
-            self.log_dict({f"{prefix}/gen/{k}": v for k, v in self.gen_metrics.compute().items() if k != "ppl"})
+            gen = {f"{prefix}/gen/{k}": v for k, v in self.gen_metrics.compute().items() if k != "ppl"}
+            self.log_dict(gen, sync_dist=True)
             self.gen_metrics.reset()
             self._gen_updated = False
 

@@ -72,7 +72,9 @@ class MambaMixer(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_kernels = use_kernels
+        self.scan_fn = selective_scan_bld  # swappable (the benchmark's naive reference loop)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        # Only its parameters are used (see _causal_conv); padding kept as mamba_ssm declares it.
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
@@ -106,18 +108,31 @@ class MambaMixer(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, d_inner) each
         # The conv sees the previous d_conv-1 inputs (kept in conv_state) before this chunk.
         prev = state[0].to(xs.dtype) if state is not None else xs.new_zeros(batch, self.d_inner, self.d_conv)
-        xfull = torch.cat([prev, xs.transpose(1, 2)], dim=-1)  # (B, d_inner, d_conv + L)
-        u = F.conv1d(xfull[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        u = F.silu(u).transpose(1, 2)  # (B, L, d_inner)
+        xfull = torch.cat([prev.transpose(1, 2), xs], dim=1)  # (B, d_conv + L, d_inner)
+        u = F.silu(self._causal_conv(xfull, L))  # (B, L, d_inner), contiguous
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner)
         ct = torch.promote_types(u.dtype, torch.float32)  # the scan runs in >= fp32
         A = -torch.exp(self.A_log.to(ct))  # (d_inner, d_state)
         uc = u.to(ct)
-        y, last = selective_scan_bld(uc, dt.to(ct), A, Bm.to(ct), Cm.to(ct), state[1] if state is not None else None)
+        y, last = self.scan_fn(uc, dt.to(ct), A, Bm.to(ct), Cm.to(ct), state[1] if state is not None else None)
         y = (y + uc * self.D.to(ct)) * F.silu(z.to(ct))
         out = self.out_proj(y.to(x.dtype))
-        return out, ((xfull[..., -self.d_conv :], last) if return_state else None)
+        # A copy, so a kept state does not pin the whole (B, L, d_inner) input alive.
+        return out, ((xfull[:, -self.d_conv :].transpose(1, 2).contiguous(), last) if return_state else None)
+
+    def _causal_conv(self, xfull: Tensor, L: int) -> Tensor:
+        """Depthwise causal conv on (B, d_conv + L, d_inner) as d_conv shifted multiply-adds.
+
+        In the batch-time-channel layout every tap is a contiguous slice, which on CPU beats
+        F.conv1d (channels-first, plus two transposes) forward and backward.
+        """
+        w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        # Row 0 of xfull is the oldest kept input; it has just left the window of the first token.
+        out = xfull[:, 1 : 1 + L] * w[:, 0]
+        for k in range(1, self.d_conv):
+            out = torch.addcmul(out, xfull[:, 1 + k : 1 + k + L], w[:, k])
+        return out + self.conv1d.bias if self.conv1d.bias is not None else out
 
     def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One token x (B, d_model) -> (out (B, d_model), next state); O(1) in history."""
@@ -145,14 +160,14 @@ class MambaMixer(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), the residual kept in fp32 if asked."""
 
-    def __init__(self, d_model: int, norm: nn.Module, mixer: MambaMixer, residual_in_fp32: bool) -> None:
+    def __init__(self, norm: nn.Module, mixer: MambaMixer, residual_in_fp32: bool) -> None:
         super().__init__()
         self.norm = norm
         self.mixer = mixer
         self.residual_in_fp32 = residual_in_fp32
 
     def _residual(self, x: Tensor) -> Tensor:
-        return x.float() if self.residual_in_fp32 else x
+        return x.to(torch.promote_types(x.dtype, torch.float32)) if self.residual_in_fp32 else x
 
     def forward(self, x: Tensor, state: LayerState | None = None, return_state: bool = True) -> tuple[Tensor, LayerState | None]:
         """Residual stream x (B, L, D) -> (x_out, state after the last token)."""
@@ -186,7 +201,10 @@ def _check_config(c: dict[str, Any]) -> None:
     r = c["dt_rank"]
     if r != "auto" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise ConfigError(f"Mamba dt_rank must be 'auto' (= ceil(d_model / 16)) or a positive integer, got {r!r}")
-    if not 0 < c["dt_min"] <= c["dt_max"]:
+    for key in ("dt_min", "dt_max", "dt_init_floor", "norm_epsilon"):
+        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)) or c[key] <= 0:
+            raise ConfigError(f"Mamba {key} must be a positive number, got {c[key]!r}")
+    if not c["dt_min"] <= c["dt_max"]:
         raise ConfigError(f"Mamba needs 0 < dt_min <= dt_max, got dt_min={c['dt_min']}, dt_max={c['dt_max']}")
     if c["use_kernels"] not in ("auto", True, False):
         raise ConfigError(f"Mamba use_kernels must be 'auto', true or false, got {c['use_kernels']!r}")
@@ -237,7 +255,7 @@ class Mamba(Backbone):
         mixer_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
                         dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias,
                         use_kernels=use_kernels)
-        layers = [Block(d_model, norm(), MambaMixer(d_model, **mixer_kw), residual_in_fp32) for _ in range(n_layer)]
+        layers = [Block(norm(), MambaMixer(d_model, **mixer_kw), residual_in_fp32) for _ in range(n_layer)]
         self.backbone = MixerModel(padded, d_model, layers, norm())
         self.lm_head = nn.Linear(d_model, padded, bias=False)
         self._init_weights(n_layer)

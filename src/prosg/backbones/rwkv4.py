@@ -57,7 +57,9 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x: Tensor, x_prev: Tensor, wkv_state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple]:
+    def forward(
+        self, x: Tensor, x_prev: Tensor, wkv_state: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, tuple]:
         """x (B, L, C) -> (out (B, L, C), last x (B, C), (aa, bb, pp))."""
         xx = token_shift(x, x_prev)
         k = self.key(x * self.time_mix_k + xx * (1 - self.time_mix_k))
@@ -287,7 +289,9 @@ def load_hf_rwkv4(path: Path) -> RWKV4:
             "supported (every released RWKV-4 has them equal)."
         )
     if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise CheckpointError(f"{str(path)!r}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (RWKV-4 uses 1e-5)")
+        raise CheckpointError(
+            f"{str(path)!r}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (RWKV-4 uses 1e-5)"
+        )
     weights = find_weight_file(Path(path))
     sd = hf_to_blinkdl(load_weights(weights))
     model = RWKV4(vocab_size=cfg["vocab_size"], d_model=C, n_layer=cfg["num_hidden_layers"],

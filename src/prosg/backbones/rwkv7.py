@@ -99,7 +99,9 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
-    def forward(self, x: Tensor, v_first: Tensor | None, x_prev: Tensor, wkv_state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, x_prev: Tensor, wkv_state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (B, L, C) -> (out (B, L, C), v_first (B, L, C), last x (B, C), WKV state (B, H, N, N))."""
         B, L, C = x.shape
         H, N = self.n_head, self.head_size
@@ -168,7 +170,9 @@ class Block(nn.Module):
                            cfg["d_mv_lora"], cfg["d_gate_lora"], cfg["use_kernels"])
         self.ffn = ChannelMix(C, cfg["d_ffn"], layer_id, cfg["n_layer"])
 
-    def forward(self, x: Tensor, v_first: Tensor | None, state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple]:
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, state: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, tuple]:
         """(x, v_first, (att x, WKV, ffn x)) -> (x, v_first, next state)."""
         if self.layer_id == 0:
             x = self.ln0(x)
@@ -337,6 +341,8 @@ def pth_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # legacy (non-zip) serialisation cannot be mmapped; load it, or report it corrupt
         sd = load_weights(file)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # as load_weights unwraps it
+        sd = sd["state_dict"]
     if not isinstance(sd, dict):
         return {}
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, Tensor)}

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from prosg.data.tasks import (
     GENERATOR_VERSION,
@@ -133,6 +133,8 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         if isinstance(self.sampler, RandomSampler) and self.sampler.generator is not None:
             self.sampler.generator.manual_seed(self.seed * 1_000_003 + self._epoch)
+        elif isinstance(self.sampler, DistributedSampler):  # under DDP: the data seed, not seed_everything
+            self.sampler.seed = self.seed * 1_000_003  # Lightning calls set_epoch for the epoch part
         skip, self._skip = self._skip, 0
         for i, batch in enumerate(super().__iter__()):
             if i < skip:  # already trained on before the checkpoint

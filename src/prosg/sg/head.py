@@ -46,7 +46,7 @@ class Session:
     """Per-batch state shared by the hooks."""
 
     prompt_len: Tensor  # (B,)
-    eta: Tensor  # (n_targets,) the head's step sizes
+    eta: Tensor  # (n_targets,) the step sizes η_ℓ of this batch (SGHead.step_sizes())
     index: dict[str, int]  # target name -> position in eta
     oracle: dict[str, Tensor] | None = None  # target name -> ∂L_prompt/∂Y (B, P, o)
     stepping: bool = False
@@ -100,7 +100,7 @@ class SGHead(nn.Module):
 
     def __init__(
         self,
-        targets: Sequence[str] | None = None,
+        targets: Sequence[str] | None = None,  # name patterns; None = every block linear of size >= rank
         rank: int = 8,
         compression: str = "slots",
         d_hidden: int = 128,
@@ -129,8 +129,13 @@ class SGHead(nn.Module):
         """Resolve target linears on ``backbone`` and build the shape-dependent parameters."""
         if self.targets:
             raise RuntimeError("this SGHead is already attached to a backbone")
-        names = self.target_patterns or [n for n in backbone.linear_names() if _in_block(backbone, n)]
-        linears = backbone.target_linears(names)
+        if self.target_patterns:
+            linears = backbone.target_linears(self.target_patterns)
+        else:  # default: every linear inside a block that can hold a rank-r delta
+            linears = {
+                n: m for n, m in backbone.target_linears([n for n in backbone.linear_names() if _in_block(backbone, n)]).items()
+                if self.compression == "full" or min(m.in_features, m.out_features) >= self.rank
+            }
         for k, (name, lin) in enumerate(linears.items()):
             limit = min(lin.in_features, lin.out_features)
             if self.compression != "full" and self.rank > limit:
@@ -158,6 +163,7 @@ class SGHead(nn.Module):
             self.slot_queries = nn.Parameter(torch.randn(n, self.rank, h) / math.sqrt(h))
             self.slot_keys = nn.Linear(h, h, bias=False)
         self.eta = nn.Parameter(torch.full((n,), float(self.eta_init)))
+        self.register_buffer("fan_in", torch.tensor([float(t.d_in) for t in self.targets]), persistent=False)
         ref = next(backbone.parameters())
         self.to(device=ref.device, dtype=ref.dtype)
 
@@ -190,10 +196,15 @@ class SGHead(nn.Module):
         u, v = compress(self.compression, grad, x, mask, self.rank, alpha)
         return u, v, grad
 
-    def apply_delta(self, target: Target, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    def step_sizes(self) -> Tensor:
+        """η_ℓ = η̃_ℓ / d_in,ℓ: with unit-scale inputs Vᵀx / d_in is an O(1) match score, so a
+        freshly trained head starts at the same scale on every layer width."""
+        return self.eta / self.fan_in
+
+    def apply_delta(self, x: Tensor, u: Tensor, v: Tensor, eta: Tensor) -> Tensor:
         """−η U (Vᵀ x) for inputs x (B, ..., i): the delta's contribution to the layer output."""
         xv = torch.einsum("b...i,bir->b...r", x, v)
-        return -self.eta[target.index] * torch.einsum("b...r,bor->b...o", xv, u)
+        return -eta * torch.einsum("b...r,bor->b...o", xv, u)
 
     # -- hooks -------------------------------------------------------------------------------
     @contextmanager
@@ -202,7 +213,7 @@ class SGHead(nn.Module):
         if self.mode == "oracle" and oracle is None:
             raise ConfigError("sg_head.mode='oracle' needs the prompt gradients: use prompt_gradients() first")
         backbone = self.backbone
-        s = Session(prompt_len=prompt_len.to(torch.long), eta=self.eta, index={t.name: t.index for t in self.targets}, oracle=oracle)
+        s = Session(prompt_len=prompt_len.to(torch.long), eta=self.step_sizes(), index={t.name: t.index for t in self.targets}, oracle=oracle)
         modules = dict(backbone.named_modules())
         for b in sorted({t.block for t in self.targets}):
             s.hooks[f"block.{b}"] = backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b))
@@ -237,7 +248,7 @@ class SGHead(nn.Module):
             s.factors[t.name] = (u, v)
             s.synthetic[t.name] = g
             after = (pos[None, :] >= s.prompt_len[:, None]).to(out.dtype)  # (B, L)
-            return out + self.apply_delta(t, x, u, v) * after[..., None]
+            return out + self.apply_delta(x, u, v, s.eta[t.index]) * after[..., None]
         return hook
 
     # -- oracle and the DNI auxiliary loss ---------------------------------------------------

@@ -90,7 +90,7 @@ def has_hooks(*modules: nn.Module) -> bool:
 def mixer_forward(mixer: nn.Module, x: Tensor, kernels: MambaKernels, return_state: bool) -> tuple[Tensor, Any]:
     """Mamba mixer over a fresh sequence x (B, L, D) with the CUDA kernels -> (out, state|None)."""
     L = x.shape[1]
-    xz = mixer.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+    xz = mixer.in_proj(x).transpose(1, 2).contiguous()  # (B, 2*d_inner, L), L-contiguous like mamba_ssm's
     A = -torch.exp(mixer.A_log.float())  # (d_inner, d_state)
     conv_w = mixer.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
     linears = (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)

@@ -45,3 +45,13 @@ def selective_scan_ref(
         y = y * F.silu(z.to(ct))
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
+
+
+def selective_scan_bld_ref(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    initial_state: Tensor | None = None, chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``selective_scan_bld``'s contract (batch-first (B, L, .), dt already positive) on the loop above."""
+    y, last = selective_scan_ref(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                                 delta_softplus=False, initial_state=initial_state, return_last_state=True)
+    return y.transpose(1, 2), last

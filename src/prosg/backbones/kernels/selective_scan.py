@@ -21,13 +21,18 @@ reductions over N and over D both read whole cache lines.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements per (chunk, B, N, D) work buffer (~2 MiB of fp32): the three buffers of the
+# Elements per (chunk, B, N, D) work buffer (~4 MiB of fp32): the three buffers of the
 # backward stay cache-resident while the per-chunk reductions sweep them several times.
-_CHUNK_ELEMENTS = 1 << 19
+_CHUNK_ELEMENTS = 1 << 20
+# Per-token ops smaller than this (4 ATen grain sizes) run single-threaded.
+_SERIAL_STEP_NUMEL = 1 << 17
 
 
 def default_chunk(batch: int, d_inner: int, d_state: int) -> int:
@@ -42,11 +47,31 @@ def _coefficients(dt: Tensor, dtu: Tensor, At: Tensor, Bm: Tensor, dA: Tensor, d
     torch.mul(dtu.unsqueeze(2), Bm.unsqueeze(-1), out=dBu)  # (k, B, 1, D) * (k, B, N, 1)
 
 
+@contextlib.contextmanager
+def _serial_if_small(step_numel: int) -> Iterator[None]:
+    """Run the per-token loops on one thread when one step is too small to split profitably.
+
+    Each token is one op on B*N*D values; below ~4 grain sizes a second thread gains nothing, and
+    on a busy machine every parallel region can stall a scheduler slice waiting for a descheduled
+    worker, thousands of times per sequence.
+    """
+    old = torch.get_num_threads()
+    serial = old > 1 and step_numel < _SERIAL_STEP_NUMEL
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(old)
+
+
 def _run_states(dA: Tensor, H: Tensor, h: Tensor) -> None:
     """In place: H[i] <- dA[i] * H[i-1] + H[i]; H holds dt u B on entry, the states on exit."""
     prev = h
-    for H_i, dA_i in zip(H.unbind(0), dA.unbind(0)):  # unbind: one call instead of 2 selects a step
-        prev = H_i.addcmul_(dA_i, prev)
+    with _serial_if_small(h.numel()):
+        for H_i, dA_i in zip(H.unbind(0), dA.unbind(0)):  # unbind: one call, not 2 selects a step
+            prev = H_i.addcmul_(dA_i, prev)
 
 
 class _ScanFn(torch.autograd.Function):
@@ -115,8 +140,9 @@ class _ScanFn(torch.autograd.Function):
             torch.mul(dy_c, C_c.unsqueeze(-1), out=G)  # (k, B, 1, D) * (k, B, N, 1)
             G[k - 1].add_(g)
             G_s, dA_s = G.unbind(0), dA.unbind(0)
-            for i in range(k - 2, -1, -1):
-                G_s[i].addcmul_(dA_s[i + 1], G_s[i + 1])
+            with _serial_if_small(g.numel()):
+                for i in range(k - 2, -1, -1):
+                    G_s[i].addcmul_(dA_s[i + 1], G_s[i + 1])
             g = dA[0] * G[0]  # into the previous chunk's last state
             # 3. batched gradients over the chunk; (1, D) @ (D, N) matmuls are the fast reductions.
             dC[:, s:e] = torch.matmul(dy_c, H.transpose(-1, -2)).squeeze(2).transpose(0, 1)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from prosg.backbones.kernels.wkv_ref import wkv4_init_state
 
-CHUNK = 16
+CHUNK = 8
 
 
 def _chunks(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor, Tensor], T: int):

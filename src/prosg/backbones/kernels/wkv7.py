@@ -13,10 +13,11 @@ u_t = a_t^T h_{t-1} (the delta-rule read-out). Unrolling the recurrence,
     y_t = (r_t e^{G_t})^T h_0     + sum_{s<=t} (r_t e^{G_t-G_s})^T (k_s v_s^T + b_s u_s)
     h_T = e^{G_T} h_0             + sum_s (e^{G_T-G_s})^T (k_s v_s^T + b_s u_s)
 
-so the T read-outs solve one unit-lower-triangular system (I - A_ab) u = (...) h_0 + A_ak V,
-every intra-chunk term is a (T, T) or (T, N) batched matmul, and only the hand-over of h
-between chunks is sequential: h_{c+1} = M_c h_c + KV_c, one (N, N) matmul per chunk. Autograd
-differentiates all of it (no per-token graph), so backward is as parallel as forward.
+so the T read-outs solve one unit-lower-triangular system, u = U0 + W h_0 with
+U0 = (I - A_ab)^{-1} A_ak V and W = (I - A_ab)^{-1} (a e^{G_ex}); every intra-chunk term is a
+(T, T) or (T, N) batched matmul over all chunks at once. Only the hand-over between chunks is
+sequential: u_c = U0_c + W_c h_c, h_{c+1} = e^{G_T} h_c + K_end^T V + B_end^T u_c (two thin
+bmm per chunk). Autograd differentiates all of it without a per-token graph.
 
 Numerics: decays are split as e^{G_t - c} * e^{c - G_s} around the chunk midpoint c; RWKV-7's
 soft clamp keeps log w in [-0.607, 0), so with T = 16 every factor stays within e^{+-5} in
@@ -71,8 +72,10 @@ def wkv7_chunked(
         r, log_w, k, v, a, b = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, log_w, k, v, a, b))
     nc = (L + pad) // T
 
-    def chunks(x: Tensor) -> Tensor:  # (B, L, H, N) -> (B, H, nc, T, N)
-        return x.view(B, nc, T, H, N).permute(0, 3, 1, 2, 4)
+    def chunks(x: Tensor) -> Tensor:
+        # (B, L, H, N) -> (nc, B*H, T, N), contiguous: every matmul below is one flat bmm and
+        # the per-chunk slices of the sequential part are contiguous (cheap unbind / stack)
+        return x.view(B, nc, T, H, N).permute(1, 0, 3, 2, 4).reshape(nc, B * H, T, N)
 
     r, g, k, v, a, b = (chunks(x) for x in (r, log_w, k, v, a, b))
     G = g.cumsum(-2)  # inclusive cumulative log decay, <= 0
@@ -80,35 +83,37 @@ def wkv7_chunked(
     c = G[..., T // 2 : T // 2 + 1, :]  # midpoint reference keeps e^{+-...} factors small
 
     r_in, a_in = r * (G - c).exp(), a * (G_ex - c).exp()  # "query side" of intra-chunk products
-    k_in, b_in = k * (c - G).exp(), b * (c - G).exp()  # "key side"
+    up = (c - G).exp()
+    k_in, b_in = k * up, b * up  # "key side"
     ones = torch.ones(T, T, dtype=torch.bool, device=r.device)
     strict, incl = ones.tril(-1), ones.tril()
-    A_ab = (a_in @ b_in.mT).masked_fill(~strict, 0)  # (B, H, nc, T, T), s < t
+    A_ab = (a_in @ b_in.mT).masked_fill(~strict, 0)  # (nc, BH, T, T), s < t
     A_ak = (a_in @ k_in.mT).masked_fill(~strict, 0)
     A_rk = (r_in @ k_in.mT).masked_fill(~incl, 0)  # s <= t
     A_rb = (r_in @ b_in.mT).masked_fill(~incl, 0)
 
     inv = _unit_lower_inverse(A_ab)
-    U0 = inv @ (A_ak @ v)  # (B, H, nc, T, N_v): read-outs if h_0 were 0
-    Wh = inv @ (a * G_ex.exp())  # (B, H, nc, T, N_k): how read-outs depend on h_0
+    U0 = inv @ (A_ak @ v)  # (nc, BH, T, N_v): read-outs if h_0 were 0
+    Wh = inv @ (a * G_ex.exp())  # (nc, BH, T, N_k): how read-outs depend on h_0
     to_end = (G[..., -1:, :] - G).exp()  # decay from token s to the chunk end
     k_end, b_end = k * to_end, b * to_end
-    KV = k_end.mT @ v + b_end.mT @ U0  # (B, H, nc, N_k, N_v)
-    M = torch.diag_embed(G[..., -1, :].exp()) + b_end.mT @ Wh  # (B, H, nc, N_k, N_k)
+    KV = k_end.mT @ v  # (nc, BH, N_k, N_v): what the chunk's own k v^T adds by its end
+    decay = G[..., -1, :].exp().unsqueeze(-1)  # (nc, BH, N_k, 1)
 
-    h = r.new_zeros(B, H, N, N) if state is None else state.transpose(-1, -2).to(r.dtype)
-    starts = []
-    # the only sequential part: one (N, N) @ (N, N) per chunk. unbind, not M[:, :, i]: the
-    # backward of indexing writes a full-size zero gradient per chunk (quadratic traffic).
-    for M_i, KV_i in zip(M.unbind(2), KV.unbind(2)):
+    h = r.new_zeros(B * H, N, N) if state is None else state.transpose(-1, -2).reshape(B * H, N, N).to(r.dtype)
+    starts, reads = [], []
+    # the only sequential part, two thin bmm per chunk: u = U0 + Wh h, h <- e^{G_T} h + KV + b_end^T u
+    per_chunk = (U0.unbind(0), Wh.unbind(0), b_end.mT.unbind(0), KV.unbind(0), decay.unbind(0))
+    for U0_i, Wh_i, b_end_i, KV_i, d_i in zip(*per_chunk):
         starts.append(h)
-        h = M_i @ h + KV_i
-    h0 = torch.stack(starts, 2)  # (B, H, nc, N_k, N_v) state entering each chunk
-
-    u = U0 + Wh @ h0
-    y = (r * G.exp()) @ h0 + A_rk @ v + A_rb @ u  # (B, H, nc, T, N_v)
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, nc * T, H, N)[:, :L]
-    return y, h.transpose(-1, -2)
+        u_i = torch.baddbmm(U0_i, Wh_i, h)
+        reads.append(u_i)
+        h = torch.baddbmm(KV_i + d_i * h, b_end_i, u_i)
+    h0 = torch.stack(starts, 0)  # (nc, BH, N_k, N_v) state entering each chunk
+    u = torch.stack(reads, 0)  # (nc, BH, T, N_v) the delta-rule read-outs
+    y = (r * G.exp()) @ h0 + A_rk @ v + A_rb @ u  # (nc, BH, T, N_v)
+    y = y.view(nc, B, H, T, N).permute(1, 0, 3, 2, 4).reshape(B, nc * T, H, N)[:, :L]
+    return y, h.view(B, H, N, N).transpose(-1, -2)
 
 
 @functools.cache

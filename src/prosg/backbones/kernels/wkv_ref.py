@@ -22,7 +22,9 @@ from torch import Tensor
 WKV4_EMPTY_PP = -1e30
 
 
-def wkv7_step(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+def wkv7_step(
+    r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
     """One token: r, log_w, k, v, a, b (B, H, N), state (B, H, N, N) -> y (B, H, N), next state."""
     sa = state @ a.unsqueeze(-1)  # (B, H, N, 1): S a
     state = state * log_w.exp().unsqueeze(-2) + sa @ b.unsqueeze(-2) + v.unsqueeze(-1) @ k.unsqueeze(-2)

@@ -1,0 +1,107 @@
+"""Sweep plots (matplotlib, Agg): forgetting curves and a metric against a numeric axis, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+BUCKET_RE = re.compile(r"/acc@(\d+)-(\d+|inf)$")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bucket_midpoints(keys: list[str]) -> list[tuple[str, float]]:
+    """Bucket metric keys (``.../acc@lo-hi``) -> (key, x) sorted by distance; the open ``lo-inf``
+    bucket sits half the previous bucket's width past ``lo`` (it has no midpoint)."""
+    parsed = []
+    for k in keys:
+        m = BUCKET_RE.search(k)
+        if m:
+            parsed.append((int(m.group(1)), math.inf if m.group(2) == "inf" else int(m.group(2)), k))
+    parsed.sort()
+    out = []
+    for i, (lo, hi, k) in enumerate(parsed):
+        if math.isinf(hi):
+            prev_width = lo - parsed[i - 1][0] if i else max(lo, 2)
+            out.append((k, lo + prev_width / 2))
+        else:
+            out.append((k, (lo + hi) / 2))
+    return out
+
+
+def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and sample std (as in results.md) ignoring NaN; one value gives std 0, none gives NaN."""
+    with np.errstate(all="ignore"):
+        n = np.sum(~np.isnan(rows), axis=0)
+        mean = np.where(n > 0, np.nansum(rows, axis=0) / np.maximum(n, 1), np.nan)
+        var = np.where(n > 1, np.nansum((rows - mean) ** 2, axis=0) / np.maximum(n - 1, 1), 0.0)
+    return mean, np.where(n > 0, np.sqrt(var), np.nan)
+
+
+def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, path: Path, title: str) -> bool:
+    """Accuracy vs distance-bucket midpoint, one line per group (mean ± std band over its runs).
+
+    ``groups``: label -> one metrics dict per seed. Returns False (and writes nothing) when no
+    metrics under ``prefix`` have distance buckets.
+    """
+    keys = sorted({k for runs in groups.values() for m in runs for k in m if k.startswith(prefix + "/acc@")})
+    points = bucket_midpoints(keys)
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = np.array([x for _, x in points])
+    for label, runs in groups.items():
+        ys = np.array([[m.get(k, math.nan) for k, _ in points] for m in runs], dtype=float)
+        mean, std = _mean_std(ys)
+        ok = ~np.isnan(mean)  # empty buckets are NaN: draw only where there is data
+        (line,) = ax.plot(xs[ok], mean[ok], marker="o", label=f"{label} (n={len(runs)})")
+        ax.fill_between(xs[ok], (mean - std)[ok], (mean + std)[ok], color=line.get_color(), alpha=0.2)
+    open_ended = "; the last bucket is open-ended" if points[-1][0].endswith("-inf") else ""
+    ax.set_xlabel(f"distance from the prompt (bucket midpoint{open_ended})")
+    ax.set_ylabel("prompt-fact accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def series_stats(points: dict[float, list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x -> values over seeds  ->  sorted xs, mean and sample std at each x."""
+    xs = np.array(sorted(points), dtype=float)
+    stats = [_mean_std(np.array(points[x], dtype=float)[:, None]) for x in sorted(points)]  # (seeds, 1) each
+    return xs, np.array([m[0] for m, _ in stats]), np.array([sd[0] for _, sd in stats])
+
+
+def metric_vs_axis(series: dict[str, dict[float, list[float]]], xlabel: str, ylabel: str, path: Path, title: str) -> None:
+    """A metric against a numeric axis (log2 x when it spans > 8x), one line per group, mean ± std over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    all_x = [x for pts in series.values() for x in pts]
+    for label, pts in sorted(series.items()):
+        xs, mean, std = series_stats(pts)
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label)
+    if all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

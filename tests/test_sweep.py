@@ -1,0 +1,326 @@
+"""``prosg sweep``: grid expansion, local + submitit launchers, resume, failure isolation, collect."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+import prosg.sweep as sweep_mod
+from prosg import plots
+from prosg.cli import main as prosg_main
+from prosg.errors import ConfigError
+from prosg.sweep import (
+    collect, expand, format_value, load_sweep, main, prepare, read_status, run_one, submitit_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DEMO = CONF / "sweep/demo.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Segfault(L.Callback):
+    """Kills its process with SIGSEGV when training starts: a crash no Python handler can catch."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def write_sweep(tmp: Path, body: str, name: str = "s.yaml") -> Path:
+    path = tmp / name
+    path.write_text(f"experiment: {CONF / 'experiment/gpt_plain.yaml'}\nout_dir: {tmp / 'out'}\n{body}")
+    return path
+
+
+GRID = """
+seeds: [0, 1]
+overrides:
+  trainer.max_steps: 7
+  model.lr: 0.1
+axes:
+  backbone:
+    gpt: {model.backbone: ../model/gpt.yaml}
+    tiny: {model.backbone: ../model/gpt.yaml, model.backbone.init_args.d_model: 16}
+  method:
+    plain: {model.sg_head: null}
+    sg: {model.sg_head: ../model/sg_head/slots.yaml, model.lr: 0.2}
+  rank: {key: model.sg_head.init_args.rank, values: [4, 8], when: {method: sg}}
+"""
+
+
+# -- expansion ----------------------------------------------------------------------------------
+def test_grid_expansion_counts_names_and_conditional_axis(tmp_path):
+    (tmp_path / "sub").mkdir()
+    sw = load_sweep(write_sweep(tmp_path / "sub", GRID))
+    runs = expand(sw)
+    # backbone (2) x [plain + sg x rank (2)] (3) x seeds (2); rank is not crossed with plain
+    assert len(runs) == 2 * 3 * 2
+    assert [r.name for r in runs[:6]] == [
+        "gpt-plain-s0", "gpt-plain-s1", "gpt-sg-rank4-s0", "gpt-sg-rank4-s1", "gpt-sg-rank8-s0", "gpt-sg-rank8-s1",
+    ]
+    plain, sg8 = runs[0], runs[4]
+    assert plain.axes == {"backbone": "gpt", "method": "plain"} and plain.seed == 0
+    assert sg8.axes == {"backbone": "gpt", "method": "sg", "rank": 8} and sg8.labels["rank"] == "rank8"
+    assert len({r.name for r in runs}) == len(runs)
+    # a .yaml value is relative to the sweep file (here tmp/sub/../model/gpt.yaml)
+    assert plain.overrides["model.backbone"] == str(tmp_path / "model/gpt.yaml")
+
+
+def test_overrides_merge_order_and_formatting(tmp_path):
+    sw = load_sweep(write_sweep(tmp_path, GRID))
+    run = next(r for r in expand(sw) if r.name == "tiny-sg-rank8-s1")
+    # common overrides, then axes in order, then the seed; a replaced key moves to the end
+    assert list(run.overrides) == [
+        "trainer.max_steps", "model.backbone", "model.backbone.init_args.d_model", "model.sg_head", "model.lr",
+        "model.sg_head.init_args.rank", "seed_everything",
+    ]
+    assert run.overrides["model.lr"] == 0.2 and run.overrides["seed_everything"] == 1
+    args = run.args()
+    assert args[:2] == ["--config", str(CONF / "experiment/gpt_plain.yaml")]
+    assert args.index("--model.sg_head.init_args.rank=8") > args.index(f"--model.sg_head={tmp_path.parent / 'model/sg_head/slots.yaml'}")
+    assert format_value(None) == "null" and format_value(False) == "false"
+    assert format_value(1e-5) == "1.0e-05" and format_value(0.003) == "0.003"
+    assert format_value([{"name": "recall", "n_facts": 2}]) == '[{"name": "recall", "n_facts": 2}]'
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("axes: {a: {x: {model.lr: 1}}}\nbogus: 1\n", r"unknown key\(s\) \['bogus'\]"),
+        ("axes:\n  r: {key: model.lr, values: [1], when: {m: sg}}\n  m: {sg: {}}\n", "not an axis listed before"),
+        ("axes: {a: {x/y: {}}}\n", "not usable in a run directory name"),
+        ("overrides: {--model.lr: 1}\n", "without '--'"),
+        ("seeds: 3\n", "seeds must be a non-empty list"),
+        ("launcher: {name: slurm}\n", "choose one of local, submitit"),
+    ],
+)
+def test_bad_sweep_files_name_the_fix(tmp_path, body, match):
+    with pytest.raises(ConfigError, match=match):
+        expand(load_sweep(write_sweep(tmp_path, body)))
+
+
+def test_structured_label_axis_with_when(tmp_path):
+    body = "axes:\n  a: {x: {}, z: {}}\n  c: {values: {y: {model.lr: 1}, w: null}, when: {a: x}}\n"
+    runs = expand(load_sweep(write_sweep(tmp_path, body)))
+    assert [r.name for r in runs] == ["x-y-s0", "x-w-s0", "z-s0"]
+    assert runs[0].overrides == {"model.lr": 1, "seed_everything": 0} and runs[1].axes == {"a": "x", "c": "w"}
+
+
+def test_duplicate_run_names_are_rejected(tmp_path):
+    body = "axes:\n  a: {key: model.lr, values: [1, 2], label: 'lr'}\n"
+    with pytest.raises(ConfigError, match="duplicate labels"):
+        load_sweep(write_sweep(tmp_path, body))
+    body = "axes:\n  a: {x-y: {}, x: {}}\n  b: {z: {}, y-z: {}}\n"  # x-y + z == x + y-z
+    with pytest.raises(ConfigError, match="both named 'x-y-z-s0'"):
+        expand(load_sweep(write_sweep(tmp_path, body)))
+
+
+EXPECTED_RUNS = {"demo": 4, "recall_methods": 36, "rank_ablation": 22, "state_size": 20}
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_conf_sweep_expands(path, tmp_path, capsys):
+    assert prosg_main(["sweep", str(path), "--dry-run", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{EXPECTED_RUNS[path.stem]} runs ")
+    sw = load_sweep(path)
+    runs = expand(sw)
+    assert len(runs) == EXPECTED_RUNS[path.stem] and all(f"{r.name} [new]: --config" in out for r in runs)
+    for r in runs:  # every config path the sweep refers to exists
+        for v in r.overrides.values():
+            if isinstance(v, str) and v.endswith(".yaml"):
+                assert Path(v).is_file(), (r.name, v)
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+# -- the demo sweep end to end: s0 with the local launcher, s1 with submitit (cluster: local) ---------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main([str(DEMO), "--out-dir", str(out), "--only", "*-s0"]) == 0
+    first = {d.name: (d / "status.json").stat().st_mtime_ns for d in out.glob("*-s0")}
+    # the second invocation skips the finished s0 runs and sends the s1 runs to a submitit job array
+    assert main([str(DEMO), "--out-dir", str(out), "--launcher", "submitit", "--cluster", "local"]) == 0
+    return out, first
+
+
+@pytest.mark.slow  # ~40-60 s on 2 shared cores (4 runs, each a fresh Python importing torch + Lightning)
+def test_demo_runs_end_to_end_local_and_submitit(demo):
+    out, first = demo
+    names = ["plain-s0", "plain-s1", "sg-s0", "sg-s1"]
+    assert sorted(p.name for p in out.iterdir() if (p / "run.json").exists()) == names
+    for name in names:
+        d = out / name
+        assert read_status(d)["status"] == "done"
+        for f in ("overrides.yaml", "config.yaml", "log.txt", "metrics.json"):
+            assert (d / f).is_file(), (name, f)
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["axes"] == {"method": name.split("-")[0]} and m["seed"] == int(name[-1]) and m["global_step"] == 2
+        assert 0 <= m["test"]["test/all/acc"] <= 1 and "val/all/acc" in m["val"] and "train/loss" in m["train"]
+        assert (d / "checkpoints/last.ckpt").is_file()  # checkpoints stay in the run directory
+        assert "`Trainer.fit` stopped: `max_steps=2` reached." in (d / "log.txt").read_text()  # Lightning logs kept
+    # the submitit runs went through the job array
+    assert list((out / "_submitit").glob("*_log.out"))
+    assert {d: (out / d / "status.json").stat().st_mtime_ns for d in first} == first
+    for f in ("results.csv", "results.md", "forgetting.png"):
+        assert (out / f).is_file()
+    assert (out / "forgetting.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_resume_launches_nothing(demo, monkeypatch, capsys):
+    out, _ = demo
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/status.json")}
+
+    def must_not_run(run_dir):
+        raise AssertionError(f"finished run {run_dir} launched again")
+
+    monkeypatch.setattr(sweep_mod, "execute_run", must_not_run)
+    assert main([str(DEMO), "--out-dir", str(out)]) == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/status.json")} == before
+
+
+@pytest.mark.slow
+def test_collect_tables_match_metrics(demo, capsys):
+    out, _ = demo
+    assert main([str(DEMO), "--out-dir", str(out), "--collect"]) == 0
+    printed = capsys.readouterr().out
+    metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in out.iterdir() if (d / "metrics.json").exists()}
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert sorted(rows) == sorted(metrics)
+    for name, m in metrics.items():
+        assert rows[name]["status"] == "done" and rows[name]["method"] == m["axes"]["method"]
+        for k, v in {**m["test"], **m["val"]}.items():
+            want = "" if v is None else str(float(v))
+            assert (str(float(rows[name][k])) if rows[name][k] else "") == want, (name, k)
+
+    sw = load_sweep(DEMO, out_dir=out)
+    got = collect(sw, expand(sw))
+    md = (out / "results.md").read_text()
+    assert md in printed and "| method | n | acc | area | half-life |" in md
+    for cell in got.summary:
+        method = cell["labels"]["method"]
+        accs = [metrics[f"{method}-s{s}"]["test"]["test/all/acc"] for s in (0, 1)]
+        mean, std, n = cell["acc"]
+        assert n == 2 and mean == pytest.approx(statistics.fmean(accs)) and std == pytest.approx(statistics.stdev(accs))
+        assert f"| {method} | 2 | {mean:.3f} ± {std:.3f} |" in md
+    assert "acc-vs-rank plot skipped" in md  # demo has no rank axis: noted, not fatal
+    assert got.problems == []
+
+
+def test_collect_plots_rank_axis_and_reports_missing_runs(tmp_path):
+    sw = load_sweep(write_sweep(tmp_path, "seeds: [0, 1]\naxes:\n  rank: {key: model.sg_head.init_args.rank, values: [2, 4, 8]}\n"))
+    runs = expand(sw)
+    prepare(runs, sw.out_dir)
+    for i, run in enumerate(runs[:-1]):  # the last run never ran
+        acc = 0.1 * i
+        test = {"test/all/acc": acc, "test/all/acc@0-16": acc + 0.2, "test/all/acc@16-inf": None,
+                "test/all/area": acc, "test/all/half_life": "inf", "test/ppl": 5.0}
+        (sw.out_dir / run.name / "metrics.json").write_text(json.dumps(
+            {"axes": run.axes, "seed": run.seed, "test": test, "val": {}, "train": {}, "wall_s": 1, "global_step": 1}))
+        sweep_mod._write_status(sw.out_dir / run.name, "done")
+    got = collect(sw, runs)
+    assert [p["name"] for p in got.problems] == ["rank8-s1"] and got.problems[0]["status"] == "missing"
+    by_rank = {c["labels"]["rank"]: c for c in got.summary}
+    assert by_rank["rank2"]["acc"][:2] == pytest.approx((0.05, statistics.stdev([0.0, 0.1])))
+    assert by_rank["rank8"]["n"] == 1 and by_rank["rank8"]["half-life"][0] == float("inf")
+    md = (sw.out_dir / "results.md").read_text()
+    assert "- rank8-s1 — missing" in md and "| rank8 | 1 | 0.400 |" in md
+    for f in ("forgetting.png", "acc_vs_rank.png"):
+        assert (sw.out_dir / f).read_bytes()[:8] == PNG_MAGIC
+    assert "acc-vs-state size plot skipped" in md and not (sw.out_dir / "acc_vs_state.png").exists()
+
+
+def test_submitit_parameters_are_accepted_by_submitit(tmp_path):
+    import submitit
+
+    launcher = {"name": "submitit", "nodes": 1, "gpus_per_node": 4, "timeout_min": 30, "partition": "gpu",
+                "array_parallelism": 8, "cpus_per_task": 8, "slurm": {"account": "proj"}}
+    params = submitit_parameters(launcher, "recall")
+    assert params == {"name": "recall", "timeout_min": 30, "nodes": 1, "tasks_per_node": 4, "gpus_per_node": 4,
+                      "cpus_per_task": 8, "slurm_partition": "gpu", "slurm_array_parallelism": 8,
+                      "slurm_account": "proj"}
+    # AutoExecutor checks every name, the slurm_* ones against the SLURM executor, on any cluster
+    submitit.AutoExecutor(folder=tmp_path, cluster="local").update_parameters(**params)
+    assert submitit_parameters({"name": "submitit"}, "x")["tasks_per_node"] == 1
+
+
+def test_plot_statistics_are_over_seeds():
+    xs, mean, std = plots.series_stats({8.0: [0.4], 2.0: [0.0, 0.1, float("nan")]})
+    assert xs.tolist() == [2.0, 8.0]
+    assert mean.tolist() == pytest.approx([0.05, 0.4]) and std.tolist() == pytest.approx([statistics.stdev([0, 0.1]), 0])
+    pts = plots.bucket_midpoints(["t/acc@16-32", "t/acc@32-inf", "t/acc@0-16", "t/acc"])
+    assert pts == [("t/acc@0-16", 8.0), ("t/acc@16-32", 24.0), ("t/acc@32-inf", 40.0)]
+
+
+# -- failures -------------------------------------------------------------------------------------
+TINY = """
+overrides:
+  trainer: {debug}
+  trainer.max_steps: 2
+  trainer.val_check_interval: 2
+  trainer.limit_val_batches: 1
+  trainer.limit_test_batches: 1
+  trainer.num_sanity_val_steps: 0
+  model.backbone.init_args.d_model: 16
+  model.backbone.init_args.n_layer: 1
+  data.init_args.tasks: [{{name: recall, n_facts: 2, n_keys: 8, n_values: 8, response_len: 24}}]
+  data.init_args.train_size: 8
+  data.init_args.batch_size: 4
+  data.init_args.val_size: 4
+  data.init_args.test_size: 4
+"""
+
+
+@pytest.mark.slow  # two subprocess runs, ~15-25 s
+def test_crashed_run_is_isolated_reported_and_retried(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    body = TINY.format(debug=CONF / "trainer/debug.yaml") + (
+        "axes:\n  case:\n    segv: {trainer.callbacks+: test_sweep.Segfault}\n    ok: {}\n"
+    )
+    path = write_sweep(tmp_path, body)
+    out = tmp_path / "out"
+    assert main([str(path)]) == 1  # a failed run makes the exit status 1 ...
+    segv, ok = read_status(out / "segv-s0"), read_status(out / "ok-s0")
+    assert ok["status"] == "done"  # ... but never stops the runs after it
+    assert segv["status"] == "failed" and segv["error"] == "killed by signal SIGSEGV" and segv["returncode"] == -11
+    assert segv["log"] == str(out / "segv-s0/log.txt") and Path(segv["log"]).is_file()
+    err = capsys.readouterr()
+    assert "1 done now, 0 skipped (already done), 1 failed" in err.err
+    assert "FAILED segv-s0: killed by signal SIGSEGV" in err.err and f"log: {out / 'segv-s0/log.txt'}" in err.err
+    assert "- segv-s0 — failed: killed by signal SIGSEGV" in (out / "results.md").read_text()
+    assert "| ok | 1 |" in err.out
+
+    launched = []
+    monkeypatch.setattr(sweep_mod, "execute_run", lambda d: launched.append(Path(d).name) or read_status(d))
+    assert main([str(path)]) == 1
+    assert launched == ["segv-s0"]  # failed runs are retried on re-run, done ones are not
+
+
+def test_bad_override_fails_with_the_cli_error(tmp_path):
+    body = TINY.format(debug=CONF / "trainer/debug.yaml") + "axes:\n  bb: {missing: {model.backbone: missing.yaml}}\n"
+    sw = load_sweep(write_sweep(tmp_path, body))
+    (run_dir,) = prepare(expand(sw), sw.out_dir)
+    with pytest.raises(ConfigError, match="do not parse"):
+        run_one(run_dir)
+    status = read_status(run_dir)
+    assert status["status"] == "failed" and "missing.yaml" in status["error"] and "model.backbone" in status["error"]
+
+
+def test_changed_settings_of_a_finished_run_are_an_error(tmp_path):
+    path = write_sweep(tmp_path, "overrides: {model.lr: 0.1}\n")
+    sw = load_sweep(path)
+    (run_dir,) = prepare(expand(sw), sw.out_dir)
+    sweep_mod._write_status(run_dir, "done")
+    prepare(expand(sw), sw.out_dir)  # unchanged: fine
+    path.write_text(path.read_text().replace("0.1", "0.2"))
+    with pytest.raises(ConfigError, match="finished with different settings.*delete"):
+        prepare(expand(load_sweep(path)), sw.out_dir)
