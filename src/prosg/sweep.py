@@ -48,8 +48,9 @@ longer match the sweep file is an error: delete its directory or use another ``o
 never stops the others; the summary lists failures with their logs and the exit status is 1.
 
 Launchers:
-  local     one run after another, each ``python -m prosg.sweep --run-one DIR`` in a subprocess (a
-            crash, even a segfault, is isolated and recorded). A run may itself use DDP: set
+  local     ``{name: local, jobs: 1, threads: null}``: each run is ``python -m prosg.sweep --run-one DIR``
+            in a subprocess (a crash, even a segfault, is isolated and recorded), ``jobs`` at a time;
+            ``threads`` sets each run's OMP_NUM_THREADS (``jobs: 2, threads: 1`` on a 2-core CPU). A run may itself use DDP: set
             ``trainer.devices``/``trainer.strategy`` in the overrides; Lightning re-executes the child.
   submitit  ``{name: submitit, cluster: slurm|local|debug|null, nodes: 1, gpus_per_node: 1,
             tasks_per_node: null, cpus_per_task: null, mem_gb: null, timeout_min: 60, partition: null,
@@ -565,7 +566,7 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
-def execute_run(run_dir: str | Path) -> dict[str, Any]:
+def execute_run(run_dir: str | Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one prepared run in a child process, output in log.txt; return its final status. Never raises.
 
     The per-run function of both launchers (and every submitit task). Whatever the child does
@@ -578,7 +579,8 @@ def execute_run(run_dir: str | Path) -> dict[str, Any]:
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env()).returncode
+        child_env = {**_child_env(), **(env or {})}
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env).returncode
     if not zero:
         return {"status": "rank>0", "returncode": rc}
     status = read_status(run_dir)
@@ -596,18 +598,31 @@ def execute_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 # -- launchers -------------------------------------------------------------------------------------
-def launch_local(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    """Run each prepared run in turn, in its own subprocess, with a progress bar."""
+def launch_local(run_dirs: list[Path], jobs: int = 1, threads: int | None = None) -> list[dict[str, Any]]:
+    """Run the prepared runs in subprocesses, ``jobs`` at a time, with a progress bar.
+
+    ``threads`` caps each run's intra-op threads (OMP_NUM_THREADS): small CPU models run
+    fastest single-threaded, so ``jobs: 2, threads: 1`` uses two cores for two runs at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    results = []
-    bar = tqdm(run_dirs, desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True)
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    bar = tqdm(total=len(run_dirs), desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True)
     n_failed = 0
-    for d in bar:
-        bar.set_postfix_str(f"{d.name} (failed so far: {n_failed})")
-        status = execute_run(d)
+
+    def one(d: Path) -> dict[str, Any]:
+        nonlocal n_failed
+        status = execute_run(d, env)
         n_failed += status.get("status") != "done"
-        results.append(status)
+        bar.set_postfix_str(f"last {d.name} (failed so far: {n_failed})")
+        bar.update()
+        return status
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # the work happens in child processes
+        results = list(pool.map(one, run_dirs))
+    bar.close()
     return results
 
 
@@ -883,7 +898,7 @@ def launch(sweep: Sweep, runs: list[Run], launcher: str | None = None, cluster: 
     elif settings["name"] == "submitit":
         results = launch_submitit(todo, settings, sweep.out_dir / "_submitit", sweep.name)
     else:
-        results = launch_local(todo)
+        results = launch_local(todo, jobs=int(settings.get("jobs", 1)), threads=settings.get("threads"))
     failed = [(d, s) for d, s in zip(todo, results) if s.get("status") != "done"]
     print(f"sweep {sweep.name}: {len(results) - len(failed)} done now, {skipped} skipped (already done), "
           f"{len(failed)} failed", file=sys.stderr)
