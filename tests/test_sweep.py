@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,7 @@ from prosg.sweep import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-DEMO = CONF / "sweep/demo.yaml"
+DEMO = CONF / "sweep/smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,7 +123,7 @@ def test_duplicate_run_names_are_rejected(tmp_path):
         expand(load_sweep(write_sweep(tmp_path, body)))
 
 
-EXPECTED_RUNS = {"demo": 4, "recall_methods": 36, "rank_ablation": 22, "state_size": 20}
+EXPECTED_RUNS = {"smoke": 4, "demo": None, "recall_methods": 36, "rank_ablation": 22, "state_size": 20}
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
@@ -300,7 +301,7 @@ def test_crashed_run_is_isolated_reported_and_retried(tmp_path, monkeypatch, cap
     assert "| ok | 1 |" in err.out
 
     launched = []
-    monkeypatch.setattr(sweep_mod, "execute_run", lambda d: launched.append(Path(d).name) or read_status(d))
+    monkeypatch.setattr(sweep_mod, "execute_run", lambda d, env=None: launched.append(Path(d).name) or read_status(d))
     assert main([str(path)]) == 1
     assert launched == ["segv-s0"]  # failed runs are retried on re-run, done ones are not
 
@@ -324,3 +325,21 @@ def test_changed_settings_of_a_finished_run_are_an_error(tmp_path):
     path.write_text(path.read_text().replace("0.1", "0.2"))
     with pytest.raises(ConfigError, match="finished with different settings.*delete"):
         prepare(expand(load_sweep(path)), sw.out_dir)
+
+
+def test_local_launcher_runs_jobs_in_parallel_with_thread_cap(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(d, env=None):
+        seen.append((Path(d).name, dict(env or {})))
+        time.sleep(0.2)
+        return {"status": "done"}
+
+    monkeypatch.setattr(sweep_mod, "execute_run", fake)
+    dirs = [tmp_path / f"r{i}" for i in range(4)]
+    start = time.time()
+    results = sweep_mod.launch_local(dirs, jobs=2, threads=1)
+    assert time.time() - start < 0.75  # 4 runs x 0.2 s, two at a time
+    assert [r["status"] for r in results] == ["done"] * 4
+    assert sorted(n for n, _ in seen) == ["r0", "r1", "r2", "r3"]
+    assert all(env == {"OMP_NUM_THREADS": "1"} for _, env in seen)

@@ -263,7 +263,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
 
     path = Path(path).resolve()
     if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist; pass a YAML such as conf/sweep/demo.yaml")
+        raise ConfigError(f"sweep file {path} does not exist; pass a YAML such as conf/sweep/smoke.yaml")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as e:  # omegaconf raises several unrelated types for YAML / interpolation errors
@@ -915,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a grid of experiments (conf/sweep/*.yaml): expand, launch, resume, collect.",
         epilog="The sweep file format, resume and launcher behaviour are documented in prosg/sweep.py.",
     )
-    p.add_argument("sweep", nargs="?", help="sweep YAML, e.g. conf/sweep/demo.yaml")
+    p.add_argument("sweep", nargs="?", help="sweep YAML, e.g. conf/sweep/smoke.yaml")
     p.add_argument("--collect", action="store_true", help="only gather finished runs into results.csv/.md and plots")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their arguments; launch nothing")
     p.add_argument("--only", action="append", metavar="NAME_GLOB", help="launch only runs matching this glob (repeatable)")
@@ -928,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         run_one(a.run_one)
         return 0
     if not a.sweep:
-        p.error("give a sweep file, e.g. prosg sweep conf/sweep/demo.yaml")
+        p.error("give a sweep file, e.g. prosg sweep conf/sweep/smoke.yaml")
     sweep = load_sweep(a.sweep, out_dir=a.out_dir)
     runs = expand(sweep)
     chosen = select(runs, a.only)
