@@ -31,7 +31,8 @@ def bucket_table(rows: list[dict], split: str = "test") -> dict:
     for r in rows:
         if not r["metrics"]:
             continue
-        method, backbone = r["labels"].get("method", "-"), r["labels"].get("backbone", "-")
+        # a run without a method label (the gpt reference) is the plain model
+        method, backbone = r["labels"].get("method", "plain"), r["labels"].get("backbone", "-")
         cell = table.setdefault(method, {}).setdefault(backbone, {})
         for key, value in r["metrics"].items():
             m = pattern.match(key)

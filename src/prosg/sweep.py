@@ -101,6 +101,7 @@ LAUNCHERS = ("local", "submitit")
 SUBMITIT_KEYS = (
     "name", "cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min",
     "partition", "array_parallelism", "slurm",
+    "jobs", "threads",  # local launcher
 )
 CLUSTERS = ("slurm", "local", "debug")
 LABEL_RE = re.compile(r"^[A-Za-z0-9._+=-]+$")
