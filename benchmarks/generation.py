@@ -2,7 +2,9 @@
 
     PYTHONPATH=src python benchmarks/generation.py [--quick] [--models mamba,gpt] [--targets PATTERN ...]
 
-Both variants decode the same prompt greedily with ``prosg.generate.generate``; the head is a
+At batch 1 (no autograd) the head folds its delta into the weights for the decode, as LoRA
+merges; at batch > 1 every sample keeps its own delta, applied by forward hooks (two small
+batched matmuls per target per token). Both variants decode the same prompt greedily with ``prosg.generate.generate``; the head is a
 fresh ``SGHead`` whose output layers are randomised (so the delta is non-zero and really
 applied). Variants alternate A/B/A/B and the median per variant is reported, which keeps the
 ratio honest on a noisy shared CPU. Lines:
@@ -50,7 +52,7 @@ def time_generation(backbone, prompt: torch.Tensor, new_tokens: int, head) -> fl
     return 1000 * max(full - prompt_only, 1e-9) / (new_tokens - 1)
 
 
-def bench(name: str, cfg: dict, rank: int, targets: list[str] | None) -> None:
+def bench(name: str, cfg: dict, rank: int, targets: list[str] | None, batch: int) -> None:
     """Measure one backbone with and without a head and emit the ratio."""
     torch.manual_seed(0)
     backbone = build(name, vocab_size=cfg["vocab"], d_model=cfg["d_model"], n_layer=cfg["n_layer"]).eval()
@@ -59,7 +61,7 @@ def bench(name: str, cfg: dict, rank: int, targets: list[str] | None) -> None:
     with torch.no_grad():
         for p in head.grad_out.parameters():
             p.normal_(0, 0.02)
-    prompt = torch.randint(0, cfg["vocab"], (1, cfg["prompt_len"]))
+    prompt = torch.randint(0, cfg["vocab"], (batch, cfg["prompt_len"]))
     times = {"bare": [], "sg": []}
     for variant in ("bare", "sg"):  # warm-up
         time_generation(backbone, prompt, 4, head if variant == "sg" else None)
@@ -69,9 +71,9 @@ def bench(name: str, cfg: dict, rank: int, targets: list[str] | None) -> None:
     med = {v: statistics.median(ts) for v, ts in times.items()}
     for variant, ms in med.items():
         emit({"bench": "generate_sg", "model": name, "variant": variant, "ms_per_token": round(ms, 4),
-              "rank": rank, "targets": len(head.targets), "d_model": cfg["d_model"], "n_layer": cfg["n_layer"],
+              "batch": batch, "rank": rank, "targets": len(head.targets), "d_model": cfg["d_model"], "n_layer": cfg["n_layer"],
               "threads": torch.get_num_threads()})
-    emit({"bench": "ratio", "what": f"{name}_sg_vs_bare_ms_per_token", "value": round(med["sg"] / med["bare"], 4),
+    emit({"bench": "ratio", "what": f"{name}_sg_vs_bare_ms_per_token_b{batch}", "value": round(med["sg"] / med["bare"], 4),
           "target": 1.10})
 
 
@@ -82,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(sorted(BACKBONES)))
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", nargs="*", default=None, help="target patterns (default: every linear in a block)")
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 4],
+                   help="batch sizes: 1 folds the delta into the weights, >1 applies per-sample deltas in hooks")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     for name in args.models.split(","):
-        bench(name, cfg, args.rank, args.targets)
+        for batch in args.batch:
+            bench(name, cfg, args.rank, args.targets, batch)
     return 0
 
 
