@@ -40,6 +40,8 @@ def test_parallel_equals_steps(name):
             outs.append(o.logits)
             state = o.state
         torch.testing.assert_close(torch.stack(outs, 1), full.logits, atol=2e-5, rtol=1e-4)
+        for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full.state)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

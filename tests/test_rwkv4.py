@@ -103,24 +103,6 @@ def test_chunked_is_stable_for_large_keys_and_decays_in_fp32():
 
 # -- the model -------------------------------------------------------------------------------------
 
-def test_parallel_equals_steps_and_continues_state():
-    model = tiny()
-    ids = torch.randint(0, V, (2, 21))
-    with torch.no_grad():
-        full = model(ids)
-        state, outs = model.init_state(2), []
-        for t in range(ids.shape[1]):
-            o = model.step(ids[:, t], state)
-            outs.append(o.logits)
-            state = o.state
-        torch.testing.assert_close(torch.stack(outs, 1), full.logits, atol=1e-4, rtol=1e-4)
-        for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full.state)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        head = model(ids[:, :9])
-        tail = model(ids[:, 9:], head.state)
-        torch.testing.assert_close(torch.cat([head.logits, tail.logits], 1), full.logits, atol=1e-4, rtol=1e-4)
-
-
 def hf_model(transformers, rescale_every=0, seed=0):
     cfg = transformers.RwkvConfig(vocab_size=V, hidden_size=C, num_hidden_layers=LAYERS, intermediate_size=FFN,
                                   attention_hidden_size=C, rescale_every=rescale_every, tie_word_embeddings=False)

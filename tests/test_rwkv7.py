@@ -100,24 +100,6 @@ def test_config_defaults_follow_blinkdl():
     assert [lora_dim(768, f) for f in (2.5, 2.5, 1.7, 5.0)] == [64, 64, 32, 128]
 
 
-def test_parallel_equals_steps_and_continues_state():
-    model = tiny()
-    ids = torch.randint(0, V, (2, 19))
-    with torch.no_grad():
-        full = model(ids)
-        state, outs = model.init_state(2), []
-        for t in range(ids.shape[1]):
-            o = model.step(ids[:, t], state)
-            outs.append(o.logits)
-            state = o.state
-        torch.testing.assert_close(torch.stack(outs, 1), full.logits, atol=1e-4, rtol=1e-4)
-        for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full.state)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        head = model(ids[:, :6])
-        tail = model(ids[:, 6:], head.state)
-        torch.testing.assert_close(torch.cat([head.logits, tail.logits], 1), full.logits, atol=1e-4, rtol=1e-4)
-
-
 def test_model_gradients_match_per_token_loop():
     model = tiny().double()
     ref = tiny().double()

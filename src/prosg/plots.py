@@ -71,12 +71,7 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
     ax.set_xlabel(f"distance from the prompt (bucket midpoint{open_ended})")
     ax.set_ylabel("prompt-fact accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title)
     return True
 
 
@@ -99,6 +94,11 @@ def metric_vs_axis(series: dict[str, dict[float, list[float]]], xlabel: str, yla
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    _finish(plt, fig, ax, path, title)
+
+
+def _finish(plt, fig, ax, path: Path, title: str) -> None:
+    """Title, grid, legend; save as PNG and free the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
