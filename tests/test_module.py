@@ -162,3 +162,13 @@ def test_head_and_backbone_learning_rates():
     cli = lightning_main(["--config", "conf/experiment/gpt_sg.yaml", *SMALL, "--model.lr=0.01", "--model.lr_backbone=0.001"], run=False)
     groups = {g["name"]: g["lr"] for g in cli.model.configure_optimizers()["optimizer"].param_groups}
     assert groups == {"head": pytest.approx(0.01 / 100), "backbone": pytest.approx(0.001 / 100)}  # warmup step 0 of 100
+
+
+def test_predict_returns_aligned_predictions():
+    cli = lightning_main(["--config", "conf/experiment/gpt_plain.yaml", *SMALL], run=False)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, limit_predict_batches=1)
+    (out,) = trainer.predict(cli.model, datamodule=cli.datamodule)
+    batch = next(iter(cli.datamodule.predict_dataloader()))
+    assert torch.equal(out["index"], batch["index"]) and out["pred"].shape == batch["input_ids"].shape
+    assert (out["pred"][:, 0] == -1).all()
+    assert torch.equal(out["correct"], out["pred"] == batch["input_ids"])

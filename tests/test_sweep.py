@@ -123,7 +123,7 @@ def test_duplicate_run_names_are_rejected(tmp_path):
         expand(load_sweep(write_sweep(tmp_path, body)))
 
 
-EXPECTED_RUNS = {"smoke": 4, "demo": 15, "recall_methods": 36, "rank_ablation": 22, "state_size": 20}
+EXPECTED_RUNS = {"smoke": 4, "demo": 15, "methods": 12, "recall_methods": 36, "rank_ablation": 22, "state_size": 20}
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)

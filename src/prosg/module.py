@@ -168,6 +168,14 @@ class ProSGModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """Teacher-forced next-token predictions: ``pred[:, t]`` is the model's guess for token t."""
+        batch = self._prepare(batch)
+        logits = self(batch)
+        pred = torch.cat([torch.full_like(batch["input_ids"][:, :1], -1), logits[:, :-1].argmax(-1)], dim=1)
+        return {"index": batch["index"], "pred": pred, "correct": pred == batch["input_ids"],
+                "answer_kind": batch["answer_kind"], "distance": batch["distance"]}
+
     def _generation_update(self, batch: dict) -> None:
         """Free-running accuracy for tasks whose whole response follows from the prompt (copy, instruction)."""
         rows = [i for i, t in enumerate(batch["task"]) if t in ("copy", "instruction")]
