@@ -172,3 +172,14 @@ def test_predict_returns_aligned_predictions():
     assert torch.equal(out["index"], batch["index"]) and out["pred"].shape == batch["input_ids"].shape
     assert (out["pred"][:, 0] == -1).all()
     assert torch.equal(out["correct"], out["pred"] == batch["input_ids"])
+
+
+def test_copy_task_is_also_scored_by_free_running_generation(tmp_path):
+    cli = lightning_main(["validate", "--config", "conf/experiment/gpt_sg.yaml", "--data", "conf/data/copy.yaml",
+                          "--trainer", "conf/trainer/debug.yaml", "--data.init_args.val_size=4",
+                          "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    teacher = [k for k in metrics if k.startswith("val/copy/") and k.endswith("/acc")]
+    free = [k for k in metrics if k.startswith("val/gen/copy/") and k.endswith("/acc")]
+    assert teacher and free
+    assert 0.0 <= float(metrics[free[0]]) <= 1.0
