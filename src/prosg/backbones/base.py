@@ -58,8 +58,13 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def step_embeds(self, x: Tensor, state: State) -> BackboneOutput:
-        """One token's embedding (B, D) -> logits (B, V) and the next state."""
-        raise NotImplementedError
+        """One token's embedding (B, D) -> logits (B, V) and the next state.
+
+        Default: a length-1 parallel forward (O(1) for a recurrent family); families with a
+        cheaper single-token recurrence (Mamba's step kernels) override it.
+        """
+        out = self.forward_embeds(x[:, None], state)
+        return BackboneOutput(out.logits[:, 0], out.state)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """The state before any token (zeros, or what the family starts from)."""

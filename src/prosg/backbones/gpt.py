@@ -151,7 +151,3 @@ class GPT(Backbone):
             x, cache = block(x, cache)
             new_state.append(cache)
         return BackboneOutput(self.lm_head(self.ln_f(x)), new_state)
-
-    def step_embeds(self, x: Tensor, state: State) -> BackboneOutput:
-        out = self.forward_embeds(x[:, None], state)
-        return BackboneOutput(out.logits[:, 0], out.state)

@@ -187,10 +187,6 @@ class RWKV4(Backbone):
             new_state.append(layer_state)
         return BackboneOutput(self.head(self.ln_out(x)), tuple(new_state))
 
-    def step_embeds(self, x: Tensor, state: State) -> BackboneOutput:
-        out = self.forward_embeds(x[:, None], state)
-        return BackboneOutput(out.logits[:, 0], out.state)
-
     def save_pretrained(self, directory: str) -> None:
         """Write a BlinkDL v4 ``.pth`` (``directory`` ending in .pth, else ``directory/model.pth``)."""
         torch.save({k: v.detach().clone().contiguous() for k, v in self.state_dict().items()}, pth_target(directory))
