@@ -38,6 +38,7 @@ from prosg.data.tasks import (
     generate_example,
     make_task,
 )
+from prosg.data.tokenizers import load_tokenizer
 from prosg.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -350,21 +351,6 @@ class ConstructedDataModule(_BaseDataModule):
         return task.token_strs(ids), task.joiner
 
 
-def _load_tokenizer(spec: str | None) -> Any:
-    """``load_tokenizer`` from the tokenizers module when present; the byte tokenizer otherwise."""
-    try:
-        from prosg.data.tokenizers import load_tokenizer
-    except ImportError:
-        if spec in (None, "byte"):
-            from prosg.data.tokenizers import ByteTokenizer
-
-            return ByteTokenizer()
-        raise ConfigError(
-            f"tokenizer={spec!r} needs prosg.data.tokenizers.load_tokenizer, which this install lacks; use tokenizer: byte"
-        ) from None
-    return load_tokenizer(spec)
-
-
 def _tokenizer_strs(tok: Any, ids: list[int]) -> list[str]:
     """Per-token display strings; byte-level tokenizers keep multi-byte characters whole."""
     from prosg.data.tokenizers import ByteTokenizer
@@ -415,7 +401,7 @@ class JSONLDataModule(_BaseDataModule):
             raise ConfigError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
         self.paths = {"train": train_path, "val": val_path, "test": test_path}
         self.tokenizer_spec = tokenizer
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
         self.overlong, self.empty_prompt = overlong, empty_prompt
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
@@ -606,5 +592,5 @@ class StoredDataModule(_BaseDataModule):
             task = self._split_tasks[example["meta"]["split"]][example["meta"]["task_id"]]
             return task.token_strs(ids), task.joiner
         if info.get("source") == "jsonl":
-            return _tokenizer_strs(_load_tokenizer(info.get("tokenizer")), ids), ""
+            return _tokenizer_strs(load_tokenizer(info.get("tokenizer")), ids), ""
         return [str(i) for i in ids], " "
