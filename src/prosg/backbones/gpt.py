@@ -1,8 +1,11 @@
 """A small causal transformer with a KV cache: the no-forgetting attention reference.
 
 Pre-LayerNorm GPT with rotary position embeddings (relative positions, so recall by content
-works at distances longer than those seen in training), tied input/output embeddings.
-State = per-layer (k, v) caches of shape (B, n_head, T, head_dim); ``step`` attends over the
+works at distances longer than those seen in training), tied input/output embeddings, and key
+shift (each key mixed with the previous token's, the attention analogue of the recurrent
+backbones' conv1d / token shift): without it a 2-layer model left the demo's recall task at
+chance for 3000 steps; with it, 100% at every distance within 250.
+State = per-layer (k, v) caches of shape (B, n_head, T, head_dim) (+ the last raw key with key shift); ``step`` attends over the
 cache, so its cost grows with T — attention re-reads the prompt every step, by design.
 """
 
@@ -35,20 +38,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention over (cache + new tokens)."""
+    """Multi-head causal self-attention over (cache + new tokens), optionally with key shift.
 
-    def __init__(self, d_model: int, n_head: int, bias: bool) -> None:
+    Key shift mixes each key with the previous token's key per channel (k'_t = k_t + mu (k_{t-1} - k_t),
+    mu in [0, 1] learned), the attention analogue of Mamba's conv1d and RWKV's token shift: a key
+    then says "what came before me", so associative recall needs one attention hop instead of an
+    induction circuit that a small model takes thousands of steps to discover.
+    """
+
+    def __init__(self, d_model: int, n_head: int, bias: bool, key_shift: bool = False) -> None:
         super().__init__()
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
+        # per channel of each head: from "this token" (0) to "previous token" (1)
+        self.key_shift = nn.Parameter(torch.linspace(0, 1, self.head_dim).repeat(n_head, 1)[:, None]) if key_shift else None
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, cache: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        past_k, past_v = cache
+        past_k, past_v = cache[0], cache[1]
         T0 = past_k.shape[2]
+        extra: tuple[Tensor, ...] = ()
+        if self.key_shift is not None:  # cache[2]: the last raw (unshifted, unrotated) key, (B, H, 1, hd)
+            prev = torch.cat([cache[2], k[:, :, :-1]], dim=2)
+            extra = (k[:, :, -1:],)
+            k = k + self.key_shift.clamp(0, 1) * (prev - k)
         cos, sin = rope_cache(L, self.head_dim, T0, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -58,7 +74,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(L, T0 + L, dtype=torch.bool, device=x.device).tril(diagonal=T0)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, L, C)
-        return self.proj(y), (k, v)
+        return self.proj(y), (k, v) + extra
 
 
 class MLP(nn.Module):
@@ -76,14 +92,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block; the first argument is the residual stream."""
 
-    def __init__(self, d_model: int, n_head: int, d_ffn: int, bias: bool) -> None:
+    def __init__(self, d_model: int, n_head: int, d_ffn: int, bias: bool, key_shift: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = CausalSelfAttention(d_model, n_head, bias)
+        self.attn = CausalSelfAttention(d_model, n_head, bias, key_shift)
         self.ln_2 = nn.LayerNorm(d_model, bias=bias)
         self.mlp = MLP(d_model, d_ffn, bias)
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, cache: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         a, cache = self.attn(self.ln_1(x), cache)
         x = x + a
         return x + self.mlp(self.ln_2(x)), cache
@@ -101,6 +117,7 @@ class GPT(Backbone):
         n_head: int = 4,
         d_ffn: int | None = None,
         bias: bool = True,
+        key_shift: bool = True,
     ) -> None:
         if d_model % n_head or (d_model // n_head) % 2:
             raise ConfigError(
@@ -108,9 +125,9 @@ class GPT(Backbone):
                 "(rotary embeddings rotate channel pairs); pick e.g. n_head=4 with d_model=128."
             )
         d_ffn = d_ffn or 4 * d_model
-        super().__init__(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, d_ffn=d_ffn, bias=bias)
+        super().__init__(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, d_ffn=d_ffn, bias=bias, key_shift=key_shift)
         self.wte = nn.Embedding(vocab_size, d_model)
-        self.h = nn.ModuleList(Block(d_model, n_head, d_ffn, bias) for _ in range(n_layer))
+        self.h = nn.ModuleList(Block(d_model, n_head, d_ffn, bias, key_shift) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model, bias=bias)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -138,10 +155,10 @@ class GPT(Backbone):
         hd = self.d_model // n_head
         dtype = self.wte.weight.dtype
         device = device if device is not None else self.wte.weight.device
-        return [
-            (torch.zeros(batch_size, n_head, 0, hd, device=device, dtype=dtype),) * 2
-            for _ in range(self.config["n_layer"])
-        ]
+        empty = torch.zeros(batch_size, n_head, 0, hd, device=device, dtype=dtype)
+        # with key shift the cache also carries the last raw key (zeros before the first token)
+        extra = (torch.zeros(batch_size, n_head, 1, hd, device=device, dtype=dtype),) if self.config["key_shift"] else ()
+        return [(empty, empty) + extra for _ in range(self.config["n_layer"])]
 
     def forward_embeds(self, x: Tensor, state: State | None = None) -> BackboneOutput:
         if state is None:
