@@ -194,3 +194,42 @@ def test_single_sample_generation_merges_and_restores(name):
     torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 4:], atol=2e-4, rtol=1e-3)
     for k, v in bb.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", ["mamba", "rwkv7"])
+def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
+    from prosg.module import ProSGModule
+
+    bb, head = tiny(name), SGHead(rank=4)
+    module = ProSGModule(backbone=bb, sg_head=head, freeze_backbone=False, prompt_state_dropout=0.999).train()
+    randomize(head)
+    plen = torch.tensor([3, 5, 4])
+    ids = torch.randint(0, V, (3, 12))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = module({"input_ids": ids, "prompt_len": plen})
+        with head.session(plen):
+            kept = bb(ids).logits
+        for b, p in enumerate(plen.tolist()):
+            # reference: the generation path — deltas from the prompt, then the response from an empty state
+            with head.session(plen[b : b + 1]) as s:
+                prompt_logits = bb(ids[b : b + 1, :p]).logits
+                s.start_steps()
+                resp = bb(ids[b : b + 1, p:]).logits
+            torch.testing.assert_close(logits[b, p:], resp[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(logits[b, :p], prompt_logits[0], atol=2e-5, rtol=1e-4)
+            # the state path is really cut: the response logits differ from the full-sequence ones
+            assert not torch.allclose(logits[b, p:], kept[b, p:], atol=1e-3)
+    module.eval()  # evaluation never drops
+    with torch.no_grad(), head.session(plen):
+        full = bb(ids).logits
+    torch.testing.assert_close(module({"input_ids": ids, "prompt_len": plen}), full)
+
+
+def test_prompt_state_dropout_needs_a_head():
+    from prosg.module import ProSGModule
+
+    with pytest.raises(ConfigError, match="only applies with an SG head"):
+        ProSGModule(backbone=tiny("gpt"), prompt_state_dropout=0.5)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):
+        ProSGModule(backbone=tiny("gpt"), sg_head=SGHead(rank=2), prompt_state_dropout=1.0)

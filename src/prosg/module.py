@@ -52,6 +52,7 @@ class ProSGModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         grad_clip_eta: float | None = None,
         generation_eval: bool = True,
+        prompt_state_dropout: float = 0.0,
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -63,6 +64,10 @@ class ProSGModule(L.LightningModule):
             raise ConfigError(f"model.method={method!r}; choose one of {', '.join(METHODS)}")
         if sg_head is not None and method != "plain":
             raise ConfigError(f"an SG head runs on the plain backbone; set model.method: plain (got {method!r}) or sg_head: null")
+        if not 0.0 <= prompt_state_dropout < 1.0:
+            raise ConfigError(f"model.prompt_state_dropout={prompt_state_dropout} must be in [0, 1)")
+        if prompt_state_dropout > 0 and sg_head is None:
+            raise ConfigError("model.prompt_state_dropout only applies with an SG head (it forces the delta to carry the prompt); set it to 0 or add model.sg_head")
         if schedule not in ("cosine", "constant"):
             raise ConfigError(f"model.schedule={schedule!r}; choose 'cosine' or 'constant'")
         if isinstance(backbone, Backbone):
@@ -116,8 +121,33 @@ class ProSGModule(L.LightningModule):
         oracle = self.sg_head.prompt_gradients(ids, plen) if self._needs_true_grads() else None
         with self.sg_head.session(plen, oracle if self.sg_head.mode == "oracle" else None) as s:
             logits = self.backbone.forward_embeds(embeds).logits
+            p = self.hparams.prompt_state_dropout
+            if self.training and p > 0:
+                drop = torch.rand(ids.shape[0], device=ids.device) < p
+                if drop.any():
+                    logits = self._response_without_state(ids, plen, logits, drop, s)
         self._last_aux = self.sg_head.aux_loss(s, oracle) if (oracle is not None and self.sg_head.mode == "synthetic") else None
         return logits
+
+    def _response_without_state(self, ids: Tensor, plen: Tensor, logits: Tensor, drop: Tensor, s: Any) -> Tensor:
+        """Re-run the responses of samples ``drop`` from an empty state with only the delta holding the prompt.
+
+        Prompt-state dropout: a jointly trained backbone can keep the prompt in its state within the
+        training distances and ignore the delta, which then does not help beyond them. Cutting the
+        state for some samples makes the delta carry the prompt; the other samples keep both paths.
+        """
+        rows = drop.nonzero().squeeze(1)  # (n,)
+        T = ids.shape[1]
+        R = int(T - plen[rows].min())
+        idx = plen[rows, None] + torch.arange(R, device=ids.device)  # (n, R) response positions
+        valid = idx < T
+        resp = torch.where(valid, ids[rows].gather(1, idx.clamp(max=T - 1)), self.pad_id)
+        s.start_steps()
+        s.select(rows)
+        resp_logits = self.backbone.forward_embeds(self.backbone.embed(resp)).logits  # (n, R, V)
+        out = logits.clone()
+        out[rows[:, None].expand_as(idx)[valid], idx[valid]] = resp_logits[valid].to(out.dtype)
+        return out
 
     def _needs_true_grads(self) -> bool:
         head = self.sg_head

@@ -71,6 +71,12 @@ class Session:
         if self.prompt_len.numel() == 1 and not torch.is_grad_enabled():
             self._merge()
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only samples ``rows`` in the stepping deltas (a later forward carries just those samples)."""
+        if not self.stepping:
+            raise RuntimeError("select() applies to the stepping deltas: call start_steps() first")
+        self.step_factors = {n: (v[rows], u[rows]) for n, (v, u) in self.step_factors.items()}
+
     def _merge(self) -> None:
         # One sample, no autograd: fold ΔW = −η U Vᵀ into W (as LoRA merges) and drop the hooks,
         # so generating with the head costs what generating without it does. Undone on exit.
