@@ -141,6 +141,19 @@ def test_every_conf_sweep_expands(path, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+
+@pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_cell_builds_its_model_and_data(path):
+    # one run per cell through the real parser, so a misspelt override fails here and not mid-sweep
+    from prosg.cli import lightning_main
+
+    cells = {}
+    for r in expand(load_sweep(path)):
+        cells.setdefault(tuple(sorted(r.labels.items())), r)
+    for r in cells.values():
+        cli = lightning_main([*r.args(), "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+        assert cli.model.backbone is not None and cli.datamodule is not None
+
 # -- the demo sweep end to end: s0 with the local launcher, s1 with submitit (cluster: local) ---------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
