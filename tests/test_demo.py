@@ -22,6 +22,9 @@ def test_demo_short_run_writes_results(tmp_path, capsys):
     assert buckets and all(0.0 <= b["mean"] <= 1.0 and list(b["seeds"]) == ["0"] for b in buckets.values())
     assert results["seeds"] == [0]
     assert list(out.glob("*.png")) and (out / "results.md").is_file()
+    # --steps caps every run, gpt included (its axis sets its own schedule in the full demo)
+    steps = {p.parent.name: json.loads(p.read_text())["global_step"] for p in out.glob("*/metrics.json")}
+    assert len(steps) == 5 and set(steps.values()) == {2}, steps
 
 
 def test_bucket_table_means_over_seeds():
