@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: prosg <command> [options]
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProSGError as e:
         print(f"prosg: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` & co.: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(argv: list[str]) -> int:
