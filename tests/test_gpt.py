@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from prosg.backbones.gpt import GPT, apply_rope, rope_cache
+from prosg.data.tasks import make_task
 from prosg.errors import ConfigError
 
 
@@ -70,9 +72,6 @@ def test_steps_match_parallel_with_and_without_key_shift(key_shift):
 def test_key_shift_learns_associative_recall_fast():
     # key shift turns recall into one attention hop: a tiny model learns local key->value recall in
     # 150 steps, where the same model without it stays near chance (see the module docstring)
-    from prosg.data.tasks import make_task
-    import numpy as np
-
     task = make_task({"name": "recall", "n_facts": 2, "n_keys": 16, "n_values": 8, "response_len": 30})
     def batch(i):
         exs = [task.generate(np.random.default_rng([7, i, j])) for j in range(32)]

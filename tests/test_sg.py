@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from prosg.backbones import BACKBONES, build
 from prosg.errors import ConfigError
+from prosg.module import ProSGModule
 from prosg.sg import SGHead, compress
 from prosg.sg.compress import svd_factors
 
@@ -198,8 +199,6 @@ def test_single_sample_generation_merges_and_restores(name):
 
 @pytest.mark.parametrize("name", ["mamba", "rwkv7"])
 def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
-    from prosg.module import ProSGModule
-
     bb, head = tiny(name), SGHead(rank=4)
     module = ProSGModule(backbone=bb, sg_head=head, freeze_backbone=False, prompt_state_dropout=0.999).train()
     randomize(head)
@@ -227,8 +226,6 @@ def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
 
 
 def test_prompt_state_dropout_needs_a_head():
-    from prosg.module import ProSGModule
-
     with pytest.raises(ConfigError, match="only applies with an SG head"):
         ProSGModule(backbone=tiny("gpt"), prompt_state_dropout=0.5)
     with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):

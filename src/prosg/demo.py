@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         sweep.seeds = list(args.seeds)
     if args.steps:  # caps every run, including those whose axis sets its own schedule (gpt)
-        for overrides in [sweep.overrides, *(o for axis in sweep.axes for o in axis.options.values())]:
-            for key in ("trainer.max_steps", "trainer.val_check_interval"):
-                if overrides is sweep.overrides or key in overrides:
-                    overrides[key] = args.steps
+        keys = ("trainer.max_steps", "trainer.val_check_interval")
+        sweep.overrides.update(dict.fromkeys(keys, args.steps))
+        for options in (o for axis in sweep.axes for o in axis.options.values()):
+            options.update({k: args.steps for k in keys if k in options})
     sweep.launcher.update({"name": "local", "jobs": args.jobs, "threads": 1})
     runs = expand(sweep)
     print(f"prosg demo: {len(runs)} runs ({', '.join(a.name for a in sweep.axes)} x {len(sweep.seeds)} seeds), "

@@ -22,7 +22,7 @@ from prosg.baselines import SoftPrompt, repeat_prompt
 from prosg.errors import ConfigError, ProSGError
 from prosg.generate import generate
 from prosg.metrics import ForgettingMetrics
-from prosg.sg.head import SGHead
+from prosg.sg.head import Session, SGHead
 
 METHODS = ("plain", "jrt", "soft_prompt")
 
@@ -129,7 +129,7 @@ class ProSGModule(L.LightningModule):
         self._last_aux = self.sg_head.aux_loss(s, oracle) if (oracle is not None and self.sg_head.mode == "synthetic") else None
         return logits
 
-    def _response_without_state(self, ids: Tensor, plen: Tensor, logits: Tensor, drop: Tensor, s: Any) -> Tensor:
+    def _response_without_state(self, ids: Tensor, plen: Tensor, logits: Tensor, drop: Tensor, s: Session) -> Tensor:
         """Re-run the responses of samples ``drop`` from an empty state with only the delta holding the prompt.
 
         Prompt-state dropout: a jointly trained backbone can keep the prompt in its state within the

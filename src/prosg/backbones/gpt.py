@@ -5,8 +5,9 @@ works at distances longer than those seen in training), tied input/output embedd
 shift (each key mixed with the previous token's, the attention analogue of the recurrent
 backbones' conv1d / token shift): without it a 2-layer model left the demo's recall task at
 chance for 3000 steps; with it, 100% at every distance within 250.
-State = per-layer (k, v) caches of shape (B, n_head, T, head_dim) (+ the last raw key with key shift); ``step`` attends over the
-cache, so its cost grows with T — attention re-reads the prompt every step, by design.
+State = per-layer (k, v) caches of shape (B, n_head, T, head_dim), plus the last raw key with key
+shift; ``step`` attends over the cache, so its cost grows with T — attention re-reads the prompt
+every step, by design.
 """
 
 from __future__ import annotations
