@@ -25,30 +25,6 @@ Run `prosg <command> -h` for the options of a command.
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_main(args: list[str], run: bool = True):
-    """Run a LightningCLI subcommand (or, with ``run=False``, only parse + instantiate ``args``)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    from prosg.module import ProSGModule
-
-    class ProSGCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # the model's vocabulary comes from the data (tokenizer or constructed task)
-            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-
-    return ProSGCLI(
-        ProSGModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
-        run=run,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prosg`` console script; ProSG input errors print as one clear message."""
     from prosg.errors import ProSGError
@@ -69,6 +45,8 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
+        from prosg.train import lightning_main
+
         lightning_main([command, *rest])
         return 0
     if command == "generate":

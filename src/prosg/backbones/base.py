@@ -75,6 +75,16 @@ class Backbone(nn.Module):
         """The residual blocks, in order."""
         raise NotImplementedError
 
+    def state_size(self, seq_len: int = 0) -> int:
+        """Numbers the state carries per sample after ``seq_len`` tokens (as Zoology reports a mixer's state).
+
+        A recurrent state has a fixed size, counted here from ``init_state``; a family whose
+        state grows with the sequence (the gpt KV cache) overrides this.
+        """
+        with torch.device("meta"):
+            leaves = torch.utils._pytree.tree_leaves(self.init_state(1, device="meta"))
+        return sum(t[0].numel() for t in leaves)
+
     @property
     def d_model(self) -> int:
         """Width of the residual stream."""

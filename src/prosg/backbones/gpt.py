@@ -161,6 +161,11 @@ class GPT(Backbone):
         extra = (torch.zeros(batch_size, n_head, 1, hd, device=device, dtype=dtype),) if self.config["key_shift"] else ()
         return [(empty, empty) + extra for _ in range(self.config["n_layer"])]
 
+    def state_size(self, seq_len: int = 0) -> int:
+        """The KV cache grows: keys and values of every layer for each of ``seq_len`` tokens (+ the shift key)."""
+        n_layer = self.config["n_layer"]
+        return 2 * n_layer * self.d_model * seq_len + (n_layer * self.d_model if self.config["key_shift"] else 0)
+
     def forward_embeds(self, x: Tensor, state: State | None = None) -> BackboneOutput:
         if state is None:
             state = self.init_state(x.shape[0], x.device)
