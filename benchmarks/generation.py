@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from prosg.backbones import BACKBONES, build  # noqa: E402
 from prosg.generate import generate  # noqa: E402
-from prosg.sg import SGHead  # noqa: E402
+from prosg.methods import ProSG  # noqa: E402
 
 FULL = dict(d_model=256, n_layer=4, vocab=512, prompt_len=64, new_tokens=128, repeats=5)
 QUICK = dict(d_model=64, n_layer=2, vocab=128, prompt_len=16, new_tokens=16, repeats=2)
@@ -41,13 +41,13 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def time_generation(backbone, prompt: torch.Tensor, new_tokens: int, head) -> float:
-    """Milliseconds per generated token (prompt pass excluded by subtracting a 1-token run)."""
+def time_generation(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Milliseconds per generated token of a backbone or method (prompt pass excluded by subtracting a 1-token run)."""
     t0 = time.perf_counter()
-    generate(backbone, prompt, new_tokens, sg_head=head)
+    generate(model, prompt, new_tokens)
     full = time.perf_counter() - t0
     t0 = time.perf_counter()
-    generate(backbone, prompt, 1, sg_head=head)
+    generate(model, prompt, 1)
     prompt_only = time.perf_counter() - t0
     return 1000 * max(full - prompt_only, 1e-9) / (new_tokens - 1)
 
@@ -56,18 +56,19 @@ def bench(name: str, cfg: dict, rank: int, targets: list[str] | None, batch: int
     """Measure one backbone with and without a head and emit the ratio."""
     torch.manual_seed(0)
     backbone = build(name, vocab_size=cfg["vocab"], d_model=cfg["d_model"], n_layer=cfg["n_layer"]).eval()
-    head = SGHead(targets=targets, rank=rank)
-    head.attach(backbone)
+    method = ProSG(targets=targets, rank=rank)
+    method.attach(backbone)
+    head = method.head
     with torch.no_grad():
         for p in head.grad_out.parameters():
             p.normal_(0, 0.02)
     prompt = torch.randint(0, cfg["vocab"], (batch, cfg["prompt_len"]))
     times = {"bare": [], "sg": []}
     for variant in ("bare", "sg"):  # warm-up
-        time_generation(backbone, prompt, 4, head if variant == "sg" else None)
+        time_generation(method if variant == "sg" else backbone, prompt, 4)
     for _ in range(cfg["repeats"]):
         for variant in ("bare", "sg"):
-            times[variant].append(time_generation(backbone, prompt, cfg["new_tokens"], head if variant == "sg" else None))
+            times[variant].append(time_generation(method if variant == "sg" else backbone, prompt, cfg["new_tokens"]))
     med = {v: statistics.median(ts) for v, ts in times.items()}
     for variant, ms in med.items():
         emit({"bench": "generate_sg", "model": name, "variant": variant, "ms_per_token": round(ms, 4),

@@ -9,11 +9,12 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from prosg.backbones.base import Backbone
-from prosg.cli import lightning_main
-from prosg.sg import SGHead
+from prosg.methods import Method
+from prosg.train import lightning_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(CONF.glob("experiment/*.yaml"))
+MODELS = sorted(CONF.glob("model/*.yaml"))
 TINY_DATA = ["--data.init_args.train_size=8", "--data.init_args.batch_size=4", "--data.init_args.val_size=4",
              "--data.init_args.test_size=4"]
 
@@ -27,22 +28,26 @@ def instantiate(path: Path, base: type):
 
 def test_conf_tree_is_complete():
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert {"model", "data", "trainer", "experiment"} <= groups
-    for backbone in ("mamba", "rwkv7", "rwkv4", "gpt"):
-        for method in ("plain", "sg", "sg_oracle", "jrt", "soft_prompt"):
-            assert (CONF / "experiment" / f"{backbone}_{method}.yaml").is_file()
+    assert {"model", "method", "data", "trainer", "experiment", "sweep"} <= groups
+    # one experiment per method; the backbone is one more argument (a model YAML)
+    assert {p.stem for p in EXPERIMENTS} >= {"plain", "sg", "oracle", "jrt", "soft_prompt"}
+    assert {p.stem for p in MODELS} >= {"mamba", "rwkv7", "rwkv4", "gpt"}
 
 
+@pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_experiment_trains_a_step(path, tmp_path):
-    cli = lightning_main(["fit", "--config", str(path), "--trainer", str(CONF / "trainer/debug.yaml"), *TINY_DATA,
+def test_every_backbone_x_method_trains_a_step(path, model, tmp_path):
+    """The documented one-liner: prosg fit --config conf/experiment/<method>.yaml --model.backbone conf/model/<backbone>.yaml"""
+    cli = lightning_main(["fit", "--config", str(path), "--model.backbone", str(model),
+                          "--trainer", str(CONF / "trainer/debug.yaml"), *TINY_DATA,
                           "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",
                           f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 1
+    assert type(cli.model.backbone).__name__ == yaml.safe_load(model.read_text())["class_path"].rsplit(".", 1)[1]
     assert "val/all/acc" in cli.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("model/*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_backbone_yaml(path):
     cfg = yaml.safe_load(path.read_text())
     module, name = cfg["class_path"].rsplit(".", 1)
@@ -50,13 +55,13 @@ def test_backbone_yaml(path):
     assert isinstance(model, Backbone)
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("model/sg_head/*.yaml")), ids=lambda p: p.stem)
-def test_sg_head_yaml(path):
-    head = instantiate(path, SGHead)
+@pytest.mark.parametrize("path", sorted(CONF.glob("method/*.yaml")), ids=lambda p: p.stem)
+def test_method_yaml(path):
+    method = instantiate(path, Method)
     from prosg.backbones import build
 
-    head.attach(build("gpt", vocab_size=16, d_model=32, n_layer=1, n_head=4))
-    assert head.targets
+    method.attach(build("gpt", vocab_size=16, d_model=32, n_layer=1, n_head=4))
+    assert method.memory_size() >= 0
 
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("trainer/*.yaml")), ids=lambda p: p.stem)

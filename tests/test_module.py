@@ -6,9 +6,16 @@ import lightning as L
 import pytest
 import torch
 
-from prosg.baselines import SoftPrompt, repeat_prompt
-from prosg.cli import lightning_main, main
+from prosg.backbones import build
+from prosg.cli import main
+from prosg.methods import MethodOutput, SoftPrompt, repeat_prompt
+from prosg.train import lightning_main
 from prosg.errors import ConfigError, ProSGError
+
+def exp(method: str) -> list[str]:
+    """An experiment (one file per method) on the gpt backbone, chosen by its model YAML."""
+    return ["--config", f"conf/experiment/{method}.yaml", "--model.backbone", "conf/model/gpt.yaml"]
+
 
 SMALL = [
     "--trainer", "conf/trainer/debug.yaml",
@@ -29,9 +36,9 @@ def recorder(cli):
     return next(c for c in cli.trainer.callbacks if isinstance(c, LossRecorder))
 
 
-def fit_args(tmp_path, config="conf/experiment/gpt_sg.yaml", steps=8):
+def fit_args(tmp_path, method="sg", steps=8):
     return [
-        "--config", config, *SMALL, f"--trainer.max_steps={steps}", "--trainer.val_check_interval=100",
+        *exp(method), *SMALL, f"--trainer.max_steps={steps}", "--trainer.val_check_interval=100",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=true",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1",
@@ -63,7 +70,7 @@ def test_fit_trains_and_resumes_mid_epoch_identically(sg_run):
 def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)
-    cli = lightning_main(["validate", "--config", "conf/experiment/gpt_sg.yaml", *SMALL, f"--ckpt_path={ckpt}"])
+    cli = lightning_main(["validate", *exp("sg"), *SMALL, f"--ckpt_path={ckpt}"])
     metrics = cli.trainer.callback_metrics
     assert "val/recall/n4/acc" in metrics and "val/all/area" in metrics
     assert 0.0 <= float(metrics["val/recall/n4/acc"]) <= 1.0
@@ -73,9 +80,9 @@ def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     assert len(tokens) == 5 and all(t.isdigit() for t in tokens)
 
 
-def _validate_with(config, ckpt):
-    """Build the module from ``config`` in Python and load ``ckpt`` into it (no CLI hparam adoption)."""
-    cli = lightning_main(["--config", config, *SMALL], run=False)
+def _validate_with(method, ckpt):
+    """Build the module of experiment ``method`` in Python and load ``ckpt`` into it (no CLI hparam adoption)."""
+    cli = lightning_main([*exp(method), *SMALL], run=False)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=1, inference_mode=False)
     return trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
 
@@ -83,31 +90,31 @@ def _validate_with(config, ckpt):
 def test_sg_checkpoint_into_model_without_head(sg_run):
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)
-    with pytest.raises(ConfigError, match="trained with a sg_head but this config has none"):
-        _validate_with("conf/experiment/gpt_plain.yaml", ckpt)
+    with pytest.raises(ConfigError, match="trained with method ProSG but this config builds Plain"):
+        _validate_with("plain", ckpt)
 
 
 def test_cli_adopts_the_checkpoint_model_config(sg_run):
     # LightningCLI rebuilds the model from the hyper-parameters stored in the checkpoint
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)
-    cli = lightning_main(["validate", "--config", "conf/experiment/gpt_plain.yaml", *SMALL, f"--ckpt_path={ckpt}"])
-    assert cli.model.sg_head is not None
+    cli = lightning_main(["validate", *exp("plain"), *SMALL, f"--ckpt_path={ckpt}"])
+    assert type(cli.model.method).__name__ == "ProSG"
 
 
 def test_plain_checkpoint_into_model_with_head(tmp_path):
-    lightning_main(["fit", "--config", "conf/experiment/gpt_plain.yaml", *SMALL, "--trainer.max_steps=1",
+    lightning_main(["fit", *exp("plain"), *SMALL, "--trainer.max_steps=1",
                     f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=true"])
     ckpt = glob.glob(f"{tmp_path}/**/*.ckpt", recursive=True)[0]
-    with pytest.raises(ConfigError, match="trained without a sg_head but this config has one"):
-        _validate_with("conf/experiment/gpt_sg.yaml", ckpt)
+    with pytest.raises(ConfigError, match="trained with method Plain but this config builds ProSG"):
+        _validate_with("sg", ckpt)
 
 
 def test_nan_loss_names_step_and_cause():
-    cli = lightning_main(["--config", "conf/experiment/gpt_plain.yaml", *SMALL], run=False)
+    cli = lightning_main([*exp("plain"), *SMALL], run=False)
     module, dm = cli.model, cli.datamodule
     batch = next(iter(dm.train_dataloader()))
-    module.forward = lambda b: torch.full((*b["input_ids"].shape, dm.vocab_size), float("nan"))
+    module.forward = lambda b: MethodOutput(torch.full((*b["input_ids"].shape, dm.vocab_size), float("nan")))
     with pytest.raises(ProSGError, match=r"(?s)loss became nan at global step 0.*learning rate"):
         module.training_step(batch, 0)
 
@@ -136,8 +143,12 @@ def test_repeat_prompt_keeps_annotations_with_their_tokens():
     assert out["attention_mask"][1].tolist() == [True, True, True, True, True, False, False]
 
 
-def test_soft_prompt_prepends_learned_prefix():
-    sp = SoftPrompt(3, 8, init_from=torch.randn(20, 8))
+def test_soft_prompt_prepends_learned_prefix_from_token_embeddings():
+    backbone = build("gpt", vocab_size=20, d_model=8, n_layer=1, n_head=2)
+    sp = SoftPrompt(3)
+    sp.attach(backbone)
+    vocab = backbone.embed(torch.arange(20)).detach()
+    assert all(any(torch.equal(row, v) for v in vocab) for row in sp.prefix.data)  # starts at real tokens
     x = torch.randn(2, 5, 8)
     y = sp.prepend(x)
     assert y.shape == (2, 8, 8) and torch.equal(y[:, 3:], x) and torch.equal(y[0, :3], sp.prefix.data)
@@ -145,13 +156,13 @@ def test_soft_prompt_prepends_learned_prefix():
 
 @pytest.mark.parametrize("method", ["jrt", "soft_prompt"])
 def test_baseline_methods_train_and_validate(method, tmp_path):
-    cli = lightning_main(["fit", "--config", f"conf/experiment/gpt_{method}.yaml", *SMALL, "--trainer.max_steps=2",
+    cli = lightning_main(["fit", *exp(method), *SMALL, "--trainer.max_steps=2",
                           f"--trainer.default_root_dir={tmp_path}"])
     assert "val/all/acc" in cli.trainer.callback_metrics
 
 
 def test_frozen_backbone_with_head():
-    cli = lightning_main(["--config", "conf/experiment/gpt_sg.yaml", *SMALL, "--model.freeze_backbone=true"], run=False)
+    cli = lightning_main([*exp("sg"), *SMALL, "--model.freeze_backbone=true"], run=False)
     m = cli.model
     assert not any(p.requires_grad for p in m.backbone.parameters())
     groups = m.configure_optimizers()["optimizer"].param_groups
@@ -159,13 +170,13 @@ def test_frozen_backbone_with_head():
 
 
 def test_head_and_backbone_learning_rates():
-    cli = lightning_main(["--config", "conf/experiment/gpt_sg.yaml", *SMALL, "--model.lr=0.01", "--model.lr_backbone=0.001"], run=False)
+    cli = lightning_main([*exp("sg"), *SMALL, "--model.lr=0.01", "--model.lr_backbone=0.001"], run=False)
     groups = {g["name"]: g["lr"] for g in cli.model.configure_optimizers()["optimizer"].param_groups}
     assert groups == {"head": pytest.approx(0.01 / 100), "backbone": pytest.approx(0.001 / 100)}  # warmup step 0 of 100
 
 
 def test_predict_returns_aligned_predictions():
-    cli = lightning_main(["--config", "conf/experiment/gpt_plain.yaml", *SMALL], run=False)
+    cli = lightning_main([*exp("plain"), *SMALL], run=False)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, limit_predict_batches=1)
     (out,) = trainer.predict(cli.model, datamodule=cli.datamodule)
     batch = next(iter(cli.datamodule.predict_dataloader()))
@@ -175,7 +186,7 @@ def test_predict_returns_aligned_predictions():
 
 
 def test_copy_task_is_also_scored_by_free_running_generation(tmp_path):
-    cli = lightning_main(["validate", "--config", "conf/experiment/gpt_sg.yaml", "--data", "conf/data/copy.yaml",
+    cli = lightning_main(["validate", *exp("sg"), "--data", "conf/data/copy.yaml",
                           "--trainer", "conf/trainer/debug.yaml", "--data.init_args.val_size=4",
                           "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path}"])
     metrics = cli.trainer.callback_metrics

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from prosg.backbones import BACKBONES, build
 from prosg.errors import ConfigError
+from prosg.methods import ProSG
 from prosg.module import ProSGModule
 from prosg.sg import SGHead, compress
 from prosg.sg.compress import svd_factors
@@ -138,7 +139,7 @@ def test_oracle_gradient_equals_autograd():
 
 
 def test_aux_loss_zero_when_synthetic_matches_true():
-    bb, head = attached("gpt", "full", aux_weight=1.0, targets=["attn.qkv"])
+    bb, head = attached("gpt", "full", targets=["attn.qkv"])
     ids = torch.randint(0, V, (2, 8))
     plen = torch.tensor([5, 5])
     true = head.prompt_gradients(ids, plen)
@@ -199,14 +200,15 @@ def test_single_sample_generation_merges_and_restores(name):
 
 @pytest.mark.parametrize("name", ["mamba", "rwkv7"])
 def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
-    bb, head = tiny(name), SGHead(rank=4)
-    module = ProSGModule(backbone=bb, sg_head=head, freeze_backbone=False, prompt_state_dropout=0.999).train()
+    bb, method = tiny(name), ProSG(rank=4, prompt_state_dropout=0.999)
+    module = ProSGModule(backbone=bb, method=method, freeze_backbone=False).train()
+    head = method.head
     randomize(head)
     plen = torch.tensor([3, 5, 4])
     ids = torch.randint(0, V, (3, 12))
     torch.manual_seed(0)
     with torch.no_grad():
-        logits = module({"input_ids": ids, "prompt_len": plen})
+        logits = module({"input_ids": ids, "prompt_len": plen}).logits
         with head.session(plen):
             kept = bb(ids).logits
         for b, p in enumerate(plen.tolist()):
@@ -222,11 +224,14 @@ def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
     module.eval()  # evaluation never drops
     with torch.no_grad(), head.session(plen):
         full = bb(ids).logits
-    torch.testing.assert_close(module({"input_ids": ids, "prompt_len": plen}), full)
+    torch.testing.assert_close(module({"input_ids": ids, "prompt_len": plen}).logits, full)
 
 
-def test_prompt_state_dropout_needs_a_head():
-    with pytest.raises(ConfigError, match="only applies with an SG head"):
-        ProSGModule(backbone=tiny("gpt"), prompt_state_dropout=0.5)
+def test_prompt_state_dropout_range():
     with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):
-        ProSGModule(backbone=tiny("gpt"), sg_head=SGHead(rank=2), prompt_state_dropout=1.0)
+        ProSG(rank=2, prompt_state_dropout=1.0)
+
+
+def test_rank_larger_than_every_layer_is_an_error_not_a_plain_model():
+    with pytest.raises(ConfigError, match="(?s)no block linear.*can hold a rank-512 delta.*lower the rank"):
+        SGHead(rank=512).attach(tiny("gpt"))

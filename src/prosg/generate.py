@@ -1,18 +1,19 @@
 """Recurrent decoding with per-step hooks: greedy, temperature, top-k / top-p, stop tokens.
 
-The prompt is read once in parallel (which is also when an SG head computes each sample's
-delta); every new token is then one O(1) ``step`` of the backbone with the deltas in place.
+The prompt is read once in parallel by the method (which is also when an SG head computes each
+sample's delta); every new token is then one O(1) ``step`` of the backbone with the deltas in place.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from prosg.backbones.base import Backbone
 from prosg.errors import ConfigError
+from prosg.methods import Method, Plain
 
 # A step hook sees (step index, logits (B, V)) and may return replacement logits.
 StepHook = Callable[[int, Tensor], Tensor | None]
@@ -37,14 +38,23 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def as_method(model: Backbone | Method) -> Method:
+    """A method to generate with: a bare backbone becomes the plain method."""
+    if isinstance(model, Method):
+        return model
+    if isinstance(model, Backbone):
+        method = Plain()
+        method.attach(model)
+        return method
+    raise ConfigError(f"generate() takes a Backbone or a Method (from prosg.methods), got {type(model).__name__}")
+
+
 @torch.no_grad()
 def generate(
-    backbone,
+    model: Backbone | Method,
     prompt_ids: Tensor,
     max_new_tokens: int,
     *,
-    sg_head=None,
-    soft_prompt=None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -55,33 +65,23 @@ def generate(
 ) -> Tensor:
     """Continue equal-length prompts (B, P) by up to ``max_new_tokens``; returns the new tokens (B, T).
 
-    Rows that emit a stop id keep emitting it (so the output stays rectangular); decoding ends
-    early once every row has stopped. ``on_token`` receives each new column (B,) for streaming.
+    ``model`` is a backbone (plain decoding) or a method attached to one (its prompt handling and
+    whatever it keeps, e.g. the SG delta, apply to every step). Rows that emit a stop id keep
+    emitting it (so the output stays rectangular); decoding ends early once every row has stopped.
+    ``on_token`` receives each new column (B,) for streaming.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ConfigError(f"generate() needs a non-empty batch of prompts (B, P), got {tuple(prompt_ids.shape)}")
-    B, P = prompt_ids.shape
+    method = as_method(model)
+    backbone = method.backbone
+    B = prompt_ids.shape[0]
     hooks = list(hooks)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=prompt_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    plen = torch.full((B,), P, dtype=torch.long, device=prompt_ids.device)
     backbone.check_ids(prompt_ids, ndim=2)
-    if sg_head is not None and soft_prompt is not None:
-        raise ConfigError("an SG head and a soft prompt cannot be combined; use one method at a time")
-    if sg_head is not None:
-        oracle = sg_head.prompt_gradients(prompt_ids, plen) if sg_head.mode == "oracle" else None
-        session = sg_head.session(plen, oracle)
-    else:
-        session = nullcontext()
-    embeds = backbone.embed(prompt_ids)
-    if soft_prompt is not None:
-        embeds = soft_prompt.prepend(embeds)
     out = []
-    with session as s:
-        res = backbone.forward_embeds(embeds)
-        logits, state = res.logits[:, -1], res.state
-        if s is not None:
-            s.start_steps()
+    with method.prefill(prompt_ids) as res:
+        logits, state = res.logits, res.state
         for t in range(max_new_tokens):
             for hook in hooks:
                 new = hook(t, logits)

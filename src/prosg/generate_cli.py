@@ -12,13 +12,15 @@ from prosg.errors import CheckpointError, ConfigError
 
 
 def load_model(ckpt: str | None, pretrained: str | None):
-    """(backbone, sg_head, soft_prompt) from a Lightning checkpoint of ProSGModule or a backbone directory."""
+    """The method to generate with (attached to its backbone), from a ``prosg fit`` checkpoint or a backbone path."""
     if (ckpt is None) == (pretrained is None):
         raise ConfigError("give exactly one of --ckpt (a `prosg fit` checkpoint) or --pretrained (a backbone directory)")
     if pretrained is not None:
         from prosg.backbones import from_pretrained
 
-        return from_pretrained(pretrained).eval(), None, None
+        from prosg.generate import as_method
+
+        return as_method(from_pretrained(pretrained).eval())
     from prosg.module import ProSGModule
 
     if not Path(ckpt).is_file():
@@ -31,7 +33,7 @@ def load_model(ckpt: str | None, pretrained: str | None):
             "written by `prosg fit` (its hyper-parameters hold the model config)"
         ) from None
     module.eval()
-    return module.backbone, module.sg_head, module.soft_prompt
+    return module.method
 
 
 class TextStream:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from prosg.data.tokenizers import load_tokenizer
     from prosg.generate import generate
 
-    backbone, sg_head, soft_prompt = load_model(args.ckpt, args.pretrained)
+    method = load_model(args.ckpt, args.pretrained)
     tokenizer = load_tokenizer(args.tokenizer) if args.prompt is not None else None
     ids = tokenizer.encode(args.prompt) if tokenizer else [int(t) for t in args.prompt_ids.split()]
     if not ids:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = TextStream(tokenizer) if tokenizer else (lambda tok: print(int(tok[0]), end=" ", flush=True))
     gen = torch.Generator().manual_seed(args.seed)
     generate(
-        backbone, torch.tensor([ids]), args.max_new_tokens, sg_head=sg_head, soft_prompt=soft_prompt,
+        method, torch.tensor([ids]), args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         stop_ids=[int(t) for t in args.stop_ids.split()], on_token=stream, generator=gen,
     )

@@ -1,15 +1,14 @@
-"""The LightningModule: a backbone, an optional SG head or baseline method, loss and metrics.
+"""The LightningModule: a backbone, a method (plain, JRT, soft prompt, ProSG, ...), loss and metrics.
 
-One module covers every method in the comparison, so they share data, loss and metrics:
-``plain`` (the backbone alone; with the ``gpt`` backbone it is the attention reference),
-``jrt`` (prompt read twice), ``soft_prompt`` (learned prefix, backbone frozen), and ProSG
-(``sg_head`` set; ``mode: oracle`` for the true-gradient test-time-training oracle).
+One module covers every method in the comparison, so they share data, loss, optimiser and metrics;
+what differs between them lives behind the ``Method`` seam (``prosg.methods``). The DataModule's
+facts (vocabulary, padding, metric slices, distance buckets) arrive as linked arguments.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -18,31 +17,29 @@ from torch import Tensor
 
 from prosg.backbones.base import Backbone
 from prosg.backbones.registry import from_pretrained
-from prosg.baselines import SoftPrompt, repeat_prompt
 from prosg.errors import ConfigError, ProSGError
 from prosg.generate import generate
+from prosg.methods import Method, MethodOutput, Plain
 from prosg.metrics import ForgettingMetrics
-from prosg.sg.head import Session, SGHead
-
-METHODS = ("plain", "jrt", "soft_prompt")
 
 
 class ProSGModule(L.LightningModule):
-    """Backbone (+ SG head | JRT | soft prompt) trained on response tokens, scored by forgetting metrics.
+    """Backbone + method trained on response tokens, scored by forgetting metrics.
 
     ``backbone`` is a factory called with the data's vocabulary size (what a ``class_path``
-    config without ``vocab_size`` becomes) or an already-built ``Backbone``; ``pretrained`` is
-    a local checkpoint path instead. ``vocab_size`` is linked from the DataModule by the CLI.
+    config without ``vocab_size`` becomes) or an already-built ``Backbone``; ``pretrained`` is a
+    local checkpoint path instead. ``method`` defaults to the plain backbone. ``vocab_size``,
+    ``pad_id``, ``bucket_edges``, ``tasks`` and ``n_facts_values`` are linked from the DataModule
+    by the CLI (give them yourself when building the module in Python; without ``bucket_edges``
+    the module trains but cannot evaluate).
     """
 
     def __init__(
         self,
         backbone: Callable[[int], Backbone] | None = None,
         pretrained: str | None = None,
-        sg_head: SGHead | None = None,
-        method: str = "plain",
+        method: Method | None = None,
         freeze_backbone: bool | None = None,
-        soft_prompt_tokens: int = 16,
         lr: float = 1e-3,
         lr_backbone: float | None = None,
         weight_decay: float = 0.0,
@@ -50,24 +47,18 @@ class ProSGModule(L.LightningModule):
         warmup_steps: int = 0,
         schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
-        grad_clip_eta: float | None = None,
         generation_eval: bool = True,
-        prompt_state_dropout: float = 0.0,
         vocab_size: int | None = None,
+        pad_id: int = 0,
+        bucket_edges: Sequence[int] | None = None,
+        tasks: Sequence[str] | None = None,
+        n_facts_values: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         # Under the CLI these are the class_path configs, so load_from_checkpoint can rebuild the model.
         self.save_hyperparameters()
         if (backbone is None) == (pretrained is None):
             raise ConfigError("give exactly one of model.backbone (a class_path config) or model.pretrained (a checkpoint path)")
-        if method not in METHODS:
-            raise ConfigError(f"model.method={method!r}; choose one of {', '.join(METHODS)}")
-        if sg_head is not None and method != "plain":
-            raise ConfigError(f"an SG head runs on the plain backbone; set model.method: plain (got {method!r}) or sg_head: null")
-        if not 0.0 <= prompt_state_dropout < 1.0:
-            raise ConfigError(f"model.prompt_state_dropout={prompt_state_dropout} must be in [0, 1)")
-        if prompt_state_dropout > 0 and sg_head is None:
-            raise ConfigError("model.prompt_state_dropout only applies with an SG head (it forces the delta to carry the prompt); set it to 0 or add model.sg_head")
         if schedule not in ("cosine", "constant"):
             raise ConfigError(f"model.schedule={schedule!r}; choose 'cosine' or 'constant'")
         if isinstance(backbone, Backbone):
@@ -83,75 +74,28 @@ class ProSGModule(L.LightningModule):
                 f"the data has {vocab_size} token ids but the backbone's vocabulary is {self.backbone.vocab_size}; "
                 "build the backbone with a larger vocab_size or use its own tokenizer"
             )
-        self.sg_head = sg_head
-        if sg_head is not None:
-            sg_head.attach(self.backbone)
-        self.soft_prompt = None
-        if method == "soft_prompt":
-            with torch.no_grad():
-                vocab = self.backbone.embed(torch.arange(self.backbone.vocab_size, device=self.backbone_device()))
-            self.soft_prompt = SoftPrompt(soft_prompt_tokens, self.backbone.d_model, init_from=vocab)
-        if freeze_backbone is None:  # the paper's setting: a head (or prefix) on a frozen model
-            freeze_backbone = sg_head is not None or method == "soft_prompt"
-        if method == "soft_prompt" and not freeze_backbone:
-            raise ConfigError("soft prompt tuning trains only the prefix; leave model.freeze_backbone unset or true")
+        self.method = method if method is not None else Plain()
+        self.method.attach(self.backbone)
+        if freeze_backbone is None:
+            freeze_backbone = self.method.freezes_backbone
+        if self.method.needs_frozen_backbone and not freeze_backbone:
+            raise ConfigError(
+                f"{self.method.name} trains only its own parameters; leave model.freeze_backbone unset or true"
+            )
         self.backbone.requires_grad_(not freeze_backbone)
+        self.pad_id = int(pad_id)
         self.metrics: ForgettingMetrics | None = None
+        self.gen_metrics: ForgettingMetrics | None = None
+        if bucket_edges is not None:
+            slices = (list(tasks or ["all"]), list(n_facts_values or [0]))
+            self.metrics = ForgettingMetrics(bucket_edges, *slices)
+            self.gen_metrics = ForgettingMetrics(bucket_edges, *slices)
         self._gen_updated = False
-        self.pad_id = 0
-
-    def backbone_device(self) -> torch.device:
-        """Device of the backbone's parameters."""
-        return next(self.backbone.parameters()).device
 
     # -- forward ---------------------------------------------------------------------------
-    def _prepare(self, batch: dict) -> dict:
-        return repeat_prompt(batch, self.pad_id) if self.hparams.method == "jrt" else batch
-
-    def forward(self, batch: dict) -> Tensor:
-        """Teacher-forced logits (B, T, V) aligned with ``batch['input_ids']`` (after the method's transform)."""
-        ids, plen = batch["input_ids"], batch["prompt_len"]
-        self.backbone.check_ids(ids, ndim=2)
-        embeds = self.backbone.embed(ids)
-        if self.soft_prompt is not None:
-            embeds = self.soft_prompt.prepend(embeds)
-            return self.backbone.forward_embeds(embeds).logits[:, self.soft_prompt.n_tokens :]
-        if self.sg_head is None:
-            return self.backbone.forward_embeds(embeds).logits
-        oracle = self.sg_head.prompt_gradients(ids, plen) if self._needs_true_grads() else None
-        with self.sg_head.session(plen, oracle if self.sg_head.mode == "oracle" else None) as s:
-            logits = self.backbone.forward_embeds(embeds).logits
-            p = self.hparams.prompt_state_dropout
-            if self.training and p > 0:
-                drop = torch.rand(ids.shape[0], device=ids.device) < p
-                if drop.any():
-                    logits = self._response_without_state(ids, plen, logits, drop, s)
-        self._last_aux = self.sg_head.aux_loss(s, oracle) if (oracle is not None and self.sg_head.mode == "synthetic") else None
-        return logits
-
-    def _response_without_state(self, ids: Tensor, plen: Tensor, logits: Tensor, drop: Tensor, s: Session) -> Tensor:
-        """Re-run the responses of samples ``drop`` from an empty state with only the delta holding the prompt.
-
-        Prompt-state dropout: a jointly trained backbone can keep the prompt in its state within the
-        training distances and ignore the delta, which then does not help beyond them. Cutting the
-        state for some samples makes the delta carry the prompt; the other samples keep both paths.
-        """
-        rows = drop.nonzero().squeeze(1)  # (n,)
-        T = ids.shape[1]
-        R = int(T - plen[rows].min())
-        idx = plen[rows, None] + torch.arange(R, device=ids.device)  # (n, R) response positions
-        valid = idx < T
-        resp = torch.where(valid, ids[rows].gather(1, idx.clamp(max=T - 1)), self.pad_id)
-        s.start_steps()
-        s.select(rows)
-        resp_logits = self.backbone.forward_embeds(self.backbone.embed(resp)).logits  # (n, R, V)
-        out = logits.clone()
-        out[rows[:, None].expand_as(idx)[valid], idx[valid]] = resp_logits[valid].to(out.dtype)
-        return out
-
-    def _needs_true_grads(self) -> bool:
-        head = self.sg_head
-        return head is not None and (head.mode == "oracle" or (head.aux_weight > 0 and self.training))
+    def forward(self, batch: dict) -> MethodOutput:
+        """Teacher-forced logits (B, T, V) of a batch already prepared by the method, plus its aux losses."""
+        return self.method(batch)
 
     def loss(self, batch: dict, logits: Tensor) -> Tensor:
         """Weighted next-token cross-entropy over the response (logits at t-1 predict token t)."""
@@ -161,32 +105,33 @@ class ProSGModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        batch = self._prepare(batch)
-        self._last_aux = None
-        logits = self(batch)
-        loss = self.loss(batch, logits)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
-        if self._last_aux is not None:
-            self.log("train/aux", self._last_aux, batch_size=len(batch["task"]))
-            loss = loss + self.sg_head.aux_weight * self._last_aux
+        batch = self.method.prepare(batch, self.pad_id)
+        out = self(batch)
+        loss = self.loss(batch, out.logits)
+        n = len(batch["task"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        for name, term in out.aux.items():
+            self.log(f"train/{name}", term, batch_size=n)
+            loss = loss + term
         if not torch.isfinite(loss):
             raise ProSGError(
                 f"loss became {loss.item()} at global step {self.global_step} (batch {batch_idx}). Likely causes: "
                 "a learning rate too high for this model (lower model.lr / model.lr_backbone), an SG step size η "
-                "that diverged (set model.grad_clip_eta), or fp16 overflow (use bf16 or 32-true precision)."
+                "that diverged (set the method's eta_clip), or fp16 overflow (use bf16 or 32-true precision)."
             )
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.sg_head is not None and self.hparams.grad_clip_eta is not None:
-            with torch.no_grad():
-                self.sg_head.eta.clamp_(-self.hparams.grad_clip_eta, self.hparams.grad_clip_eta)
+        self.method.on_before_optimizer_step()
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         if self.metrics is None:
-            raise ConfigError("evaluation needs a ProSG DataModule (it declares the slices and distance buckets)")
-        batch = self._prepare(batch)
-        logits = self(batch)
+            raise ConfigError(
+                "evaluation needs model.bucket_edges (and the slices): use a ProSG DataModule, which links them, "
+                "or pass bucket_edges/tasks/n_facts_values when building ProSGModule in Python"
+            )
+        batch = self.method.prepare(batch, self.pad_id)
+        logits = self(batch).logits
         self.log(f"{prefix}/loss", self.loss(batch, logits), batch_size=len(batch["task"]), sync_dist=True)
         self.metrics.update(batch, logits)
         if self.hparams.generation_eval:
@@ -200,8 +145,8 @@ class ProSGModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         """Teacher-forced next-token predictions: ``pred[:, t]`` is the model's guess for token t."""
-        batch = self._prepare(batch)
-        logits = self(batch)
+        batch = self.method.prepare(batch, self.pad_id)
+        logits = self(batch).logits
         pred = torch.cat([torch.full_like(batch["input_ids"][:, :1], -1), logits[:, :-1].argmax(-1)], dim=1)
         return {"index": batch["index"], "pred": pred, "correct": pred == batch["input_ids"],
                 "answer_kind": batch["answer_kind"], "distance": batch["distance"]}
@@ -215,7 +160,7 @@ class ProSGModule(L.LightningModule):
             group = [i for i in rows if int(batch["prompt_len"][i]) == plen]
             ids = batch["input_ids"][group]
             n_new = int(batch["attention_mask"][group].sum(1).max()) - plen
-            new = generate(self.backbone, ids[:, :plen], n_new, sg_head=self.sg_head, soft_prompt=self.soft_prompt)
+            new = generate(self.method, ids[:, :plen], n_new)
             # score generated tokens like teacher-forced ones: the "logits" are one-hot picks
             picks = torch.cat([ids[:, :plen], new], dim=1)
             onehot = F.one_hot(picks, self.backbone.vocab_size).to(torch.float32)
@@ -241,29 +186,25 @@ class ProSGModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, with the fix, a checkpoint whose method parts do not match this config."""
-        keys = checkpoint.get("state_dict", {}).keys()
-        for part, present in (("sg_head", self.sg_head is not None), ("soft_prompt", self.soft_prompt is not None)):
-            saved = any(k.startswith(part + ".") for k in keys)
-            if saved != present:
-                raise ConfigError(
-                    f"the checkpoint was trained {'with' if saved else 'without'} a {part} but this config has "
-                    f"{'none' if saved else 'one'}; run with the config saved beside the checkpoint "
-                    f"(config.yaml in the run directory) or set model.{part if part == 'sg_head' else 'method'} to match."
-                )
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["prosg_method"] = type(self.method).__name__
 
-    # -- setup -----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "bucket_edges"):
-            return
-        self.pad_id = int(dm.pad_id)
-        self.metrics = ForgettingMetrics(dm.bucket_edges, dm.tasks, dm.n_facts_values).to(self.device)
-        self.gen_metrics = ForgettingMetrics(dm.bucket_edges, dm.tasks, dm.n_facts_values).to(self.device)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with the fix, a checkpoint whose method does not match this config."""
+        keys = checkpoint.get("state_dict", {}).keys()
+        saved = checkpoint.get("prosg_method")
+        mine = type(self.method).__name__
+        own = {k for k in self.state_dict() if k.startswith("method.")}
+        theirs = {k for k in keys if k.startswith("method.")}
+        if (saved is not None and saved != mine) or own != theirs:
+            raise ConfigError(
+                f"the checkpoint was trained with method {saved or 'with other method parameters'} but this config "
+                f"builds {mine}; run with the config saved beside the checkpoint (config.yaml in the run "
+                "directory) or set model.method to match"
+            )
 
     def configure_optimizers(self) -> Any:
-        head_params = [p for m in (self.sg_head, self.soft_prompt) if m is not None for p in m.parameters() if p.requires_grad]
+        head_params = [p for p in self.method.parameters() if p.requires_grad]
         backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
         lr = self.hparams.lr
         groups = []
@@ -272,7 +213,7 @@ class ProSGModule(L.LightningModule):
         if backbone_params:
             groups.append({"params": backbone_params, "lr": self.hparams.lr_backbone or lr, "name": "backbone"})
         if not groups:
-            raise ConfigError("nothing to train: the backbone is frozen and there is no SG head or soft prompt")
+            raise ConfigError(f"nothing to train: the backbone is frozen and {self.method.name} has no parameters")
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         warm, floor, cosine = self.hparams.warmup_steps, self.hparams.min_lr_ratio, self.hparams.schedule == "cosine"

@@ -1,4 +1,4 @@
-"""The ProSG head (design.md §3): a synthetic-gradient network, rank-r compression, and injection.
+"""The ProSG head (docs/method.md): a synthetic-gradient network, rank-r compression, and injection.
 
 Lifecycle: ``SGHead(...)`` holds only the config; ``attach(backbone)`` resolves the target
 linears by name and creates the parameters that depend on their shapes. ``session(prompt_len)``
@@ -102,7 +102,14 @@ class Session:
 
 
 class SGHead(nn.Module):
-    """Prompt synthetic gradients -> per-sample low-rank deltas on named target linears."""
+    """Prompt synthetic gradients -> per-sample low-rank deltas on named target linears.
+
+    ``targets``: linear-name patterns (None = every block linear that can hold a rank-``rank``
+    delta); ``compression``: slots | svd | full; ``d_hidden`` / ``d_layer_emb``: width of the shared
+    network M and of the per-layer embedding e_ℓ; ``transform_inputs``: learn X̃ = M_in(X, H) (False
+    = the paper-literal X̃ = X); ``mode``: synthetic (M predicts Δ̂) or oracle (Δ̂ given: the true
+    prompt gradient); ``eta_init``: initial step size η̃ (scaled by 1/fan-in).
+    """
 
     def __init__(
         self,
@@ -113,20 +120,19 @@ class SGHead(nn.Module):
         d_layer_emb: int = 32,
         transform_inputs: bool = True,
         mode: str = "synthetic",
-        aux_weight: float = 0.0,
         eta_init: float = 1.0,
     ) -> None:
         super().__init__()
         if compression not in COMPRESSIONS:
-            raise ConfigError(f"sg_head.compression={compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+            raise ConfigError(f"model.method.init_args.compression={compression!r}; choose one of {', '.join(COMPRESSIONS)}")
         if mode not in MODES:
-            raise ConfigError(f"sg_head.mode={mode!r}; choose one of {', '.join(MODES)}")
+            raise ConfigError(f"SGHead mode={mode!r}; choose one of {', '.join(MODES)}")
         if rank < 1:
-            raise ConfigError(f"sg_head.rank={rank} must be >= 1")
+            raise ConfigError(f"model.method.init_args.rank={rank} must be >= 1")
         self.target_patterns = list(targets) if targets else None
         self.rank, self.compression, self.mode = rank, compression, mode
         self.d_hidden, self.d_layer_emb = d_hidden, d_layer_emb
-        self.transform_inputs, self.aux_weight, self.eta_init = transform_inputs, aux_weight, eta_init
+        self.transform_inputs, self.eta_init = transform_inputs, eta_init
         self.targets: list[Target] = []
         self._backbone_ref: list[nn.Module] = []  # a list so the backbone is not registered as a submodule
 
@@ -142,11 +148,19 @@ class SGHead(nn.Module):
                 n: m for n, m in backbone.target_linears([n for n in backbone.linear_names() if _in_block(backbone, n)]).items()
                 if self.compression == "full" or min(m.in_features, m.out_features) >= self.rank
             }
+        if not linears:
+            sizes = sorted({min(m.in_features, m.out_features) for n, m in backbone.target_linears(
+                [n for n in backbone.linear_names() if _in_block(backbone, n)]).items()})
+            raise ConfigError(
+                f"the SG head: no block linear of {type(backbone).__name__} can hold a rank-{self.rank} delta "
+                f"(their smaller sides are {sizes}); lower the rank to at most {max(sizes) if sizes else 0} "
+                "or build a wider backbone — a head with no targets would train as the plain model"
+            )
         for k, (name, lin) in enumerate(linears.items()):
             limit = min(lin.in_features, lin.out_features)
             if self.compression != "full" and self.rank > limit:
                 raise ConfigError(
-                    f"sg_head.rank={self.rank} exceeds what layer {name!r} ({lin.out_features}x"
+                    f"model.method.init_args.rank={self.rank} exceeds what layer {name!r} ({lin.out_features}x"
                     f"{lin.in_features}) allows (max {limit}); lower the rank or target larger layers."
                 )
             self.targets.append(Target(name, k, backbone.block_index(name), lin.in_features, lin.out_features))
@@ -217,7 +231,7 @@ class SGHead(nn.Module):
     def session(self, prompt_len: Tensor, oracle: dict[str, Tensor] | None = None) -> Iterator[Session]:
         """Hook the backbone for one batch whose sample b has a prompt of ``prompt_len[b]`` tokens."""
         if self.mode == "oracle" and oracle is None:
-            raise ConfigError("sg_head.mode='oracle' needs the prompt gradients: use prompt_gradients() first")
+            raise ConfigError("the oracle needs the prompt gradients: pass prompt_gradients() to session()")
         backbone = self.backbone
         s = Session(prompt_len=prompt_len.to(torch.long), eta=self.step_sizes(), index={t.name: t.index for t in self.targets}, oracle=oracle)
         modules = dict(backbone.named_modules())
