@@ -112,7 +112,7 @@ def model_sizes(model) -> dict[str, int]:
     ``memory`` = state + method; ``trainable_params`` / ``total_params``: parameter counts.
     """
     state = int(model.backbone.state_size())
-    method = int(model.method.memory_size()) if hasattr(model, "method") else 0  # TODO(method seam): always set
+    method = int(model.method.memory_size())
     return {
         "state": state,
         "method": method,
