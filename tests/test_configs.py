@@ -9,7 +9,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from prosg.backbones.base import Backbone
-from prosg.cli import lightning_main
+from prosg.train import lightning_main
 from prosg.sg import SGHead
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
