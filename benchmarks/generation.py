@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse options and run every requested backbone."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    p.add_argument("--models", default=",".join(sorted(BACKBONES)))
+    p.add_argument("--models", default=",".join(sorted(BACKBONES)), help="comma-separated families (default: all registered: %(default)s)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", nargs="*", default=None, help="target patterns (default: every linear in a block)")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4],

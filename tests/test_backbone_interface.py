@@ -1,21 +1,33 @@
 """The contract every backbone family honours, checked generically over the registry."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from prosg.backbones import BACKBONES, build, detect_format, from_pretrained
+import prosg.backbones
+from prosg.backbones import BACKBONES, Backbone, build, detect_format, from_pretrained
 from prosg.errors import CheckpointError, ConfigError
 
 FAMILIES = sorted(BACKBONES)
 V = 40
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def tiny(name: str):
     return build(name, vocab_size=V, d_model=64, n_layer=2).eval()
 
 
-def test_all_families_registered():
-    assert {"gpt", "mamba", "rwkv7", "rwkv4"} <= set(FAMILIES)
+def test_every_family_is_registered_with_a_model_yaml():
+    """Each Backbone class the package exports is in the registry and has conf/model/<family>.yaml."""
+    exported = [getattr(prosg.backbones, n) for n in prosg.backbones.__all__]
+    classes = {c for c in exported if isinstance(c, type) and issubclass(c, Backbone) and c is not Backbone}
+    assert classes == set(BACKBONES.values())
+    for name, cls in BACKBONES.items():
+        assert cls.family == name
+        cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+        assert cfg["class_path"] == f"prosg.backbones.{cls.__name__}"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -94,6 +106,30 @@ def test_target_linears_by_pattern(name):
     assert [model.block_index(n) for n in hits] == [0, 1]
     with pytest.raises(ConfigError, match="(?s)matches no linear layer.*Available"):
         model.target_linears(["no_such_layer"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hooks_see_every_token(name):
+    """Blocks get the residual stream first; in-block linears run as modules on all tokens at once, then per step."""
+    model = tiny(name)
+    ids = torch.randint(0, V, (2, 6))
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(f"block{i}", []).append(tuple(a[0].shape)))
+             for i, b in enumerate(model.blocks)]
+    names = [n for n in model.linear_names() if any(p.isdigit() for p in n.split("."))]
+    # a linear's input, as (tokens, features): step may pass (B, i) or a length-1 (B, 1, i)
+    hooks += [lin.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append((a[0].shape[:-1].numel(), a[0].shape[-1])))
+              for n, lin in model.target_linears(names).items()]
+    with torch.no_grad():
+        state = model(ids).state
+        parallel, seen = seen, {}
+        model.step(ids[:, 0], state)
+    for h in hooks:
+        h.remove()
+    assert [parallel[f"block{i}"] for i in range(len(model.blocks))] == [[(2, 6, model.d_model)]] * len(model.blocks)
+    lin = model.target_linears(names)
+    assert {n: parallel.get(n) for n in names} == {n: [(2 * 6, lin[n].in_features)] for n in names}
+    assert {n: seen.get(n) for n in names} == {n: [(2, lin[n].in_features)] for n in names}
 
 
 def test_unknown_backbone_name():

@@ -1,4 +1,4 @@
-"""The interface every backbone family implements (Mamba, RWKV-7, RWKV-4, gpt).
+"""The interface every backbone family implements (Mamba, RWKV-7, RWKV-4, gpt, LSTM; docs/backbones.md).
 
 A backbone maps token ids to logits and carries a recurrent state:
 
@@ -91,6 +91,21 @@ class Backbone(nn.Module):
         return int(self.config["d_model"])
 
     # -- shared ------------------------------------------------------------------------
+    def run_blocks(self, x: Tensor, state: State | None, per_layer: int) -> tuple[Tensor, State]:
+        """Residual stream x through every block, each ``block(x, layer_state) -> (x, next layer_state)``.
+
+        ``state`` (None = ``init_state``) holds ``per_layer`` tensors per layer; returns the stream
+        after the last block and the new state (a tuple over layers).
+        """
+        if state is None:
+            state = self.init_state(x.shape[0], x.device)
+        check_state(self, state, per_layer)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x, layer_state = block(x, layer_state)
+            new_state.append(layer_state)
+        return x, tuple(new_state)
+
     def forward(self, input_ids: Tensor, state: State | None = None) -> BackboneOutput:
         """Token ids (B, L) -> logits (B, L, V) and the state after the last token."""
         self.check_ids(input_ids, ndim=2)
@@ -160,6 +175,16 @@ class Backbone(nn.Module):
     def num_parameters(self) -> int:
         """Total parameter count."""
         return sum(p.numel() for p in self.parameters())
+
+
+def check_state(model: Backbone, state: State, per_layer: int) -> None:
+    """Reject a state from another model (a tuple of ``per_layer`` tensors per layer) with a message naming the fix."""
+    n_layer = model.config["n_layer"]
+    if len(state) != n_layer or any(len(s) != per_layer for s in state):
+        raise ConfigError(
+            f"{type(model).__name__} state must hold {n_layer} layers of {per_layer} tensors, got "
+            f"{len(state)} entries; pass the state returned by this model, or model.init_state(batch_size)."
+        )
 
 
 def _generic_name(name: str) -> str:

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from prosg.backbones.base import Backbone, BackboneOutput, State
+from prosg.backbones.blinkdl import detect_pth, pth_target, read_pth, require, token_shift
 from prosg.backbones.checkpoint import find_weight_file, load_state_strict, load_weights, read_json
 from prosg.backbones.kernels.wkv4 import wkv4_chunked
 from prosg.backbones.kernels.wkv_ref import WKV4_EMPTY_PP, wkv4_step
 from prosg.backbones.registry import register_backbone, register_format
-from prosg.backbones.rwkv7 import check_state, detect_pth, pth_target, read_pth, require, token_shift
 from prosg.errors import CheckpointError, ConfigError
 
 
@@ -178,14 +178,8 @@ class RWKV4(Backbone):
         )
 
     def forward_embeds(self, x: Tensor, state: State | None = None) -> BackboneOutput:
-        if state is None:
-            state = self.init_state(x.shape[0], x.device)
-        check_state(self, state, 5)
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block(x, layer_state)
-            new_state.append(layer_state)
-        return BackboneOutput(self.head(self.ln_out(x)), tuple(new_state))
+        x, state = self.run_blocks(x, state, per_layer=5)
+        return BackboneOutput(self.head(self.ln_out(x)), state)
 
     def save_pretrained(self, directory: str) -> None:
         """Write a BlinkDL v4 ``.pth`` (``directory`` ending in .pth, else ``directory/model.pth``)."""

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prosg.backbones.base import Backbone, BackboneOutput, State
-from prosg.backbones.checkpoint import load_state_strict, load_weights
+from prosg.backbones.base import Backbone, BackboneOutput, State, check_state
+from prosg.backbones.blinkdl import detect_pth, pth_target, read_pth, require, token_shift
+from prosg.backbones.checkpoint import load_state_strict
 from prosg.backbones.kernels.wkv7 import fla_kernel, wkv7
 from prosg.backbones.kernels.wkv_ref import wkv7_step
 from prosg.backbones.registry import register_backbone, register_format
-from prosg.errors import CheckpointError, ConfigError
+from prosg.errors import ConfigError
 
 LN_X_EPS = 64e-5  # BlinkDL: 1e-5 * head_size_divisor**2 with divisor 8, fixed for every x070 model
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w = -e^{-1/2} sigmoid(.)  (BlinkDL's 0.606531)
-PTH_NAME = "model.pth"
 # Layer 0 takes v_first from itself, so BlinkDL's trainer creates v0/v1/v2 there but never uses them.
 UNUSED_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
@@ -292,97 +292,7 @@ def _ortho(x: Tensor, scale: float) -> Tensor:
     return nn.init.orthogonal_(x, gain=gain * scale)
 
 
-def check_state(model: Backbone, state: State, per_layer: int) -> None:
-    """Reject a state from another model with a message naming the fix."""
-    n_layer = model.config["n_layer"]
-    if len(state) != n_layer or any(len(s) != per_layer for s in state):
-        raise ConfigError(
-            f"{type(model).__name__} state must hold {n_layer} layers of {per_layer} tensors, got "
-            f"{len(state)} entries; pass the state returned by this model, or model.init_state(batch_size)."
-        )
-
-
-# -- BlinkDL .pth checkpoints (shared with rwkv4) -------------------------------------------------
-
-def pth_target(path: str | Path) -> Path:
-    """Where ``save_pretrained`` writes: the path itself if it ends in .pth, else path/model.pth."""
-    path = Path(path)
-    if path.suffix != ".pth":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / PTH_NAME
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def find_pth(path: Path) -> Path | None:
-    """The BlinkDL checkpoint at ``path``: a .pth file, or the only .pth in a directory."""
-    path = Path(path)
-    if path.is_file():
-        return path if path.suffix == ".pth" else None
-    if not path.is_dir():
-        return None
-    files = sorted(path.glob("*.pth"))
-    if len(files) > 1:
-        raise CheckpointError(
-            f"{str(path)!r} holds {len(files)} .pth files ({', '.join(f.name for f in files[:5])}); "
-            "pass the path of the one to load."
-        )
-    return files[0] if files else None
-
-
-def pth_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a .pth without reading its data when the file allows memory-mapping."""
-    try:
-        sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) serialisation cannot be mmapped; load it, or report it corrupt
-        sd = load_weights(file)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # as load_weights unwraps it
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        return {}
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, Tensor)}
-
-
-def pth_version(keys: set[str] | dict) -> str | None:
-    """BlinkDL RWKV generation from state-dict keys, as the ``rwkv`` package tells them apart."""
-    if {"blocks.0.att.x_r", "blocks.0.att.r_k", "blocks.0.att.a0"} & set(keys):
-        return "x070"
-    if any("time_maa" in k or "time_faaaa" in k or ".att.ln_x." in k for k in keys):
-        return "v5/v6"
-    if "blocks.0.att.time_mix_k" in keys:
-        return "v4"
-    return None
-
-
-def detect_pth(path: Path, version: str) -> bool:
-    """Whether ``path`` is a BlinkDL .pth of ``version``; v5/v6 files are refused with a clear error."""
-    file = find_pth(path)
-    if file is None:
-        return False
-    found = pth_version(pth_shapes(file))
-    if found == "v5/v6":
-        raise CheckpointError(
-            f"{str(file)!r}: RWKV v5/v6 .pth is not supported; supported: x070, v4. "
-            "Use an RWKV-7 (x070) or RWKV-4 checkpoint."
-        )
-    return found == version
-
-
-def read_pth(path: Path) -> tuple[Path, dict[str, Tensor]]:
-    """The .pth file at ``path`` and its tensors (loaded with weights_only=True)."""
-    file = find_pth(path)
-    if file is None:
-        raise CheckpointError(f"no .pth checkpoint at {str(path)!r}")
-    return file, load_weights(file)
-
-
-def require(sd: dict[str, Tensor], key: str, file: Path, version: str) -> Tensor:
-    """sd[key], or a CheckpointError saying the file is not a complete checkpoint."""
-    if key not in sd:
-        raise CheckpointError(f"{str(file)!r} is not a complete RWKV {version} checkpoint: missing {key!r}")
-    return sd[key]
-
+# -- checkpoints ------------------------------------------------------------------------------------
 
 def rwkv7_config(sd: dict[str, Tensor], file: Path) -> dict[str, Any]:
     """RWKV7 constructor arguments inferred from the tensor shapes of an x070 state dict."""
