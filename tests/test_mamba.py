@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from prosg.backbones.checkpoint import load_weights
 from prosg.backbones.kernels import mamba_cuda
 from prosg.backbones.kernels.scan_ref import selective_scan_bld_ref
-from prosg.backbones.mamba import Mamba, _detect_hf_mamba, _detect_mamba_ssm
+from prosg.backbones.mamba import Mamba
+from prosg.backbones.mamba_formats import _detect_hf_mamba, _detect_mamba_ssm
 from prosg.backbones.registry import detect_format, from_pretrained
 from prosg.errors import CheckpointError, ConfigError
 

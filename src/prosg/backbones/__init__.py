@@ -3,7 +3,7 @@
 A family is one module registering itself with ``@register_backbone``, imported here (see docs/backbones.md).
 """
 
-from prosg.backbones import native  # noqa: F401  (registers the native checkpoint format)
+from prosg.backbones import mamba_formats, native  # noqa: F401  (register checkpoint formats)
 from prosg.backbones.base import Backbone, BackboneOutput
 from prosg.backbones.gpt import GPT
 from prosg.backbones.lstm import LSTM

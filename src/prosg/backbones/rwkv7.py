@@ -42,11 +42,6 @@ def lora_dim(d_model: int, factor: float) -> int:
     return max(32, int(round(factor * d_model**0.5 / 32) * 32))
 
 
-def token_shift(x: Tensor, prev: Tensor) -> Tensor:
-    """x (B, L, C) and the token before it, prev (B, C) -> x shifted one step right: (B, L, C)."""
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
-
-
 class TimeMix(nn.Module):
     """RWKV-7 time mixing (BlinkDL ``RWKV_Tmix_x070``); parameter names and shapes as in the .pth."""
 
