@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prosg.data.datamodule import Collator, ConstructedDataset, collate
+from prosg.data.collate import Collator, collate
+from prosg.data.loaders import ConstructedDataset
 from prosg.data.tasks import CopyTask, InstructionTask, RecallTask, Task, generate_example
 
 TASKS: dict[str, Task] = {"recall": RecallTask(), "copy": CopyTask(), "instruction": InstructionTask()}

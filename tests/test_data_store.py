@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from prosg.data.cli import main
-from prosg.data.datamodule import ConstructedDataModule, JSONLDataModule, StoredDataModule
+from prosg.data import ConstructedDataModule, JSONLDataModule, StoredDataModule
 from prosg.data.store import read_dataset, read_manifest, sha256_file, write_dataset
 from prosg.data.tasks import GENERATOR_VERSION
 from prosg.errors import ConfigError, DataError
+from prosg.train import DATA_LINKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,26 @@ def test_stored_datamodule_gives_the_generated_batches(tmp_path):
     assert s.decode_tokens(ex, ex["prompt_ids"]) == d.decode_tokens(ex, ex["prompt_ids"])
 
 
+def test_stored_facts_are_final_right_after_construction(tmp_path):
+    facts = lambda d: {fact: getattr(d, fact) for fact in DATA_LINKS}  # noqa: E731
+    d = dm(tasks=[{"name": "recall", "n_facts": 3, "response_len": 60}, {"name": "instruction", "rules": ["ending"]}])
+    write_dataset(d, tmp_path / "c", splits=["val"])
+    s = StoredDataModule(str(tmp_path / "c"))
+    assert facts(s) == facts(d) and s.n_facts_values == [1, 3]  # as the source declared them
+    assert s._data == {}  # ... read off the manifest, not the examples
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "ab", "response": "cd", "task": "mine"}) + "\n")
+    j = JSONLDataModule(train_path=str(src))
+    write_dataset(j, tmp_path / "j")
+    s = StoredDataModule(str(tmp_path / "j"))
+    assert facts(s) == facts(j) == {**facts(s), "tasks": ["mine"], "n_facts_values": [0]} and s._data == {}
+    exs = [dict(ex, n_facts=2) for ex in generated(d, "val")[:3]]
+    write_dataset(exs, tmp_path / "e")
+    s = StoredDataModule(str(tmp_path / "e"))
+    assert s.tasks == list(dict.fromkeys(ex["task"] for ex in exs))
+    assert s.n_facts_values == [2]  # bare examples: only the data knows
+
+
 def test_examples_and_jsonl_sources(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "ab", "response": "cd"}) + "\n")
@@ -122,7 +143,7 @@ def test_cli_build_then_show_highlights_answers(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = tmp_path / "recall.yaml"
     cfg.write_text(
-        "class_path: prosg.data.datamodule.ConstructedDataModule\n"
+        "class_path: prosg.data.ConstructedDataModule\n"
         "init_args:\n  tasks: {name: recall, response_len: 48}\n  train_size: 12\n  val_size: 4\n  test_size: 4\n"
     )
     out = tmp_path / "built"
@@ -158,13 +179,13 @@ def test_cli_shows_instruction_and_jsonl(capsys, monkeypatch):
 
 def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("class_path: prosg.data.datamodule.ConstructedDataModule\ninit_args:\n  tasks: {name: recall, n_facts: 40}\n")
+    bad.write_text("class_path: prosg.data.ConstructedDataModule\ninit_args:\n  tasks: {name: recall, n_facts: 40}\n")
     assert main(["show", "--config", str(bad)]) == 2
     assert "n_keys > n_facts" in capsys.readouterr().err
     bad.write_text("init_args: {}\n")
     assert main(["build", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "class_path" in capsys.readouterr().err
-    bad.write_text("class_path: prosg.data.datamodule.ConstructedDataModule\ninit_args: {batch_sise: 3}\n")
+    bad.write_text("class_path: prosg.data.ConstructedDataModule\ninit_args: {batch_sise: 3}\n")
     assert main(["show", "--config", str(bad)]) == 2
     assert "batch_sise" in capsys.readouterr().err
     assert main(["show", "--config", str(tmp_path / "missing.yaml")]) == 2

@@ -1,15 +1,20 @@
 """DataModules and collation: the batch contract, worker / DDP independence, JSONL validation, every conf/data YAML."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from prosg.data.datamodule import Collator, ConstructedDataModule, JSONLDataModule, collate
+from prosg.data import ConstructedDataModule, JSONLDataModule
+from prosg.data.collate import Collator, collate
 from prosg.data.tasks import RecallTask, generate_example
 from prosg.errors import ConfigError, DataError
+from prosg.train import DATA_LINKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +55,22 @@ def test_collate_follows_the_batch_contract():
         collate([], 0)
 
 
+# ---------------------------------------------------------------- the prosg.data exports
+
+
+def test_datamodules_are_exported_from_prosg_data_and_tasks_stay_light():
+    from jsonargparse._util import get_import_path
+
+    import prosg.data
+
+    for name in prosg.data.__all__:  # the class_path a saved config gets is the exported one
+        assert get_import_path(getattr(prosg.data, name)) == f"prosg.data.{name}"
+    code = "import sys, prosg.data.tasks, prosg.data.store, prosg.data.cli; print('lightning' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(prosg.data.__file__).parents[2])}  # this prosg, not another install
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"  # only the DataModules pull in Lightning
+
+
 # ---------------------------------------------------------------- ConstructedDataModule
 
 
@@ -67,6 +88,25 @@ def test_datamodule_exposes_linkable_facts_and_longer_eval_distances():
     assert max(train_d) <= 32 and max(val_d) > 64 and max(val_d) <= 128
     assert max(t for i in range(8) for t in dm.dataset("val")[i]["response_ids"]) > 5 + 16 + 16 - 1  # values only the wider split has
     assert dm.split_tasks["test"] == dm.split_tasks["val"]  # test_overrides defaults to val_overrides
+
+
+def linked_facts(dm):
+    """The facts ``prosg.train`` links from the DataModule into the model, as they are now."""
+    return {fact: getattr(dm, fact) for fact in DATA_LINKS}
+
+
+def test_constructed_facts_are_final_right_after_construction():
+    dm = ConstructedDataModule(
+        tasks=[{"name": "recall", "n_facts": 3, "response_len": 40}, {"name": "copy", "seq_len": 6, "n_repeats": 2},
+               {"name": "instruction", "rules": ["keyword"], "response_len": 100}],
+        train_size=60, val_size=30, test_size=0,
+    )
+    assert linked_facts(dm) == {
+        "vocab_size": 260, "pad_id": 0, "bucket_edges": [0, 16, 32, 64, 100],
+        "tasks": ["recall", "copy", "instruction"], "n_facts_values": [1, 3, 6],
+    }
+    exs = [ex for s in ("train", "val") for ex in dm.examples(s)]  # what the data then holds agrees
+    assert {ex["task"] for ex in exs} == set(dm.tasks) and {ex["n_facts"] for ex in exs} == set(dm.n_facts_values)
 
 
 @pytest.mark.parametrize(
@@ -210,10 +250,26 @@ def test_jsonl_reads_tokenizes_and_scores(tmp_path):
 )
 def test_jsonl_bad_lines_name_file_and_line(tmp_path, line, match):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, line])
-    dm = JSONLDataModule(train_path=path)
     with pytest.raises(DataError, match=match) as err:
-        dm.setup("fit")  # validated eagerly, before any batch
+        JSONLDataModule(train_path=path)  # validated eagerly, at construction
     assert f"{path}:2:" in str(err.value)
+
+
+def test_jsonl_facts_are_final_right_after_construction(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d", "task": "rules"}])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "a", "response": "b", "task": "rules"}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "a", "response": "b", "task": "held_out"}])
+    dm = JSONLDataModule(train_path=train, val_path=val, test_path=test, max_response_len=100)
+    assert linked_facts(dm) == {
+        "vocab_size": 260, "pad_id": 256, "bucket_edges": [0, 16, 32, 64, 100],
+        "tasks": ["jsonl", "rules", "held_out"], "n_facts_values": [0],  # every split's task names, in file order
+    }
+    dm.setup("fit")
+    assert dm.tasks == ["jsonl", "rules", "held_out"]  # setup does not change them
+    # a file that is not there is reported at construction too, naming its knob
+    with pytest.raises(DataError, match="test_path .*nope.jsonl.* does not exist"):
+        JSONLDataModule(train_path=train, test_path=str(tmp_path / "nope.jsonl"))
 
 
 def test_jsonl_overlong_policy(tmp_path):
@@ -290,7 +346,7 @@ def test_full_lightning_config_with_data_key(tmp_path):
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(
         "seed_everything: 3\nmodel: {class_path: x.Y}\n"
-        "data:\n  class_path: prosg.data.datamodule.ConstructedDataModule\n"
+        "data:\n  class_path: prosg.data.ConstructedDataModule\n"
         "  init_args:\n    tasks: {name: copy, seq_len: 4}\n    batch_size: 2\n    seed: ${seed_everything}\n"
     )
     dm = load_datamodule(cfg)

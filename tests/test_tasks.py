@@ -10,11 +10,7 @@ import pytest
 from prosg.data.tasks import (
     ASK,
     BOS,
-    ENDINGS,
     GENERATOR_VERSION,
-    KEYWORDS,
-    NOUNS,
-    OPENERS,
     PAD,
     SEP,
     SET,
@@ -25,6 +21,7 @@ from prosg.data.tasks import (
     generate_example,
     make_task,
 )
+from prosg.data.tasks.instruction import ENDINGS, KEYWORDS, NOUNS, OPENERS
 from prosg.errors import ConfigError
 
 

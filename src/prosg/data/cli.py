@@ -36,7 +36,7 @@ def load_datamodule_config(path: str | Path) -> dict[str, Any]:
         cfg = cfg["data"]
     if not isinstance(cfg, dict) or "class_path" not in cfg:
         raise ConfigError(
-            f"{path}: expected a DataModule config with class_path (e.g. prosg.data.datamodule.ConstructedDataModule) "
+            f"{path}: expected a DataModule config with class_path (e.g. prosg.data.ConstructedDataModule) "
             "and init_args, or a LightningCLI config with a data: section"
         )
     return cfg
@@ -120,7 +120,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.path is None):
         raise ConfigError("give exactly one of --config (a DataModule YAML) or --path (a stored dataset directory)")
     if args.path is not None:
-        from prosg.data.datamodule import StoredDataModule
+        from prosg.data import StoredDataModule
 
         dm = StoredDataModule(args.path)
     else:

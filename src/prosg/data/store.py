@@ -99,7 +99,7 @@ def write_dataset(source: Any, out_dir: str | Path, fmt: str = "jsonl", splits: 
     else:  # a DataModule: split_names(), examples(split), dataset_info()
         available = source.split_names()
         get = source.examples
-        info_of = source.dataset_info  # asked after writing: JSONL learns its task names while reading
+        info_of = source.dataset_info
     chosen = available if splits is None else list(splits)
     missing = [s for s in chosen if s not in available]
     if missing:
