@@ -28,10 +28,11 @@ class ProSGModule(L.LightningModule):
 
     ``backbone`` is a factory called with the data's vocabulary size (what a ``class_path``
     config without ``vocab_size`` becomes) or an already-built ``Backbone``; ``pretrained`` is a
-    local checkpoint path instead. ``method`` defaults to the plain backbone. ``vocab_size``,
-    ``pad_id``, ``bucket_edges``, ``tasks`` and ``n_facts_values`` are linked from the DataModule
-    by the CLI (give them yourself when building the module in Python; without ``bucket_edges``
-    the module trains but cannot evaluate).
+    local checkpoint path instead. ``method`` defaults to the plain backbone. The DataModule's
+    ``vocab_size``, ``pad_id`` and metric facts (``eval_buckets`` = its distance ``bucket_edges``,
+    ``eval_tasks`` = task names, ``eval_n_facts`` = n_facts slice labels) are linked by the CLI;
+    give them yourself when building the module in Python (without ``eval_buckets`` the module
+    trains but cannot evaluate).
     """
 
     def __init__(
@@ -50,9 +51,9 @@ class ProSGModule(L.LightningModule):
         generation_eval: bool = True,
         vocab_size: int | None = None,
         pad_id: int = 0,
-        bucket_edges: Sequence[int] | None = None,
-        tasks: Sequence[str] | None = None,
-        n_facts_values: Sequence[int] | None = None,
+        eval_buckets: Sequence[int] | None = None,
+        eval_tasks: Sequence[str] | None = None,
+        eval_n_facts: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         # Under the CLI these are the class_path configs, so load_from_checkpoint can rebuild the model.
@@ -86,10 +87,10 @@ class ProSGModule(L.LightningModule):
         self.pad_id = int(pad_id)
         self.metrics: ForgettingMetrics | None = None
         self.gen_metrics: ForgettingMetrics | None = None
-        if bucket_edges is not None:
-            slices = (list(tasks or ["all"]), list(n_facts_values or [0]))
-            self.metrics = ForgettingMetrics(bucket_edges, *slices)
-            self.gen_metrics = ForgettingMetrics(bucket_edges, *slices)
+        if eval_buckets is not None:
+            slices = (list(eval_tasks or ["all"]), list(eval_n_facts or [0]))
+            self.metrics = ForgettingMetrics(eval_buckets, *slices)
+            self.gen_metrics = ForgettingMetrics(eval_buckets, *slices)
         self._gen_updated = False
 
     # -- forward ---------------------------------------------------------------------------
@@ -127,8 +128,8 @@ class ProSGModule(L.LightningModule):
     def _eval_step(self, batch: dict, prefix: str) -> None:
         if self.metrics is None:
             raise ConfigError(
-                "evaluation needs model.bucket_edges (and the slices): use a ProSG DataModule, which links them, "
-                "or pass bucket_edges/tasks/n_facts_values when building ProSGModule in Python"
+                "evaluation needs model.eval_buckets (and the slices): use a ProSG DataModule, which links them, "
+                "or pass eval_buckets/eval_tasks/eval_n_facts when building ProSGModule in Python"
             )
         batch = self.method.prepare(batch, self.pad_id)
         logits = self(batch).logits

@@ -18,8 +18,16 @@ import yaml
 
 from prosg.errors import ConfigError
 
-# DataModule facts the model needs, linked at instantiation (a DataModule exposes each as an attribute).
-DATA_LINKS = ("vocab_size", "pad_id", "bucket_edges", "tasks", "n_facts_values")
+# DataModule facts the model needs, linked at instantiation: data attribute -> model argument. The
+# metric facts get their own names on the model: Lightning logs the hyper-parameters of both, and a
+# key with two different values (the DataModule's `tasks` are task specs) is an error.
+DATA_LINKS = {
+    "vocab_size": "vocab_size",
+    "pad_id": "pad_id",
+    "bucket_edges": "eval_buckets",
+    "tasks": "eval_tasks",
+    "n_facts_values": "eval_n_facts",
+}
 
 
 def lightning_main(args: list[str], run: bool = True):
@@ -32,8 +40,8 @@ def lightning_main(args: list[str], run: bool = True):
     class ProSGCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # the model's vocabulary, padding, metric slices and distance buckets come from the data
-            for fact in DATA_LINKS:
-                parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+            for fact, arg in DATA_LINKS.items():
+                parser.link_arguments(f"data.{fact}", f"model.{arg}", apply_on="instantiate")
 
     return ProSGCLI(
         ProSGModule,
