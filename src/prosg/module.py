@@ -8,6 +8,7 @@ facts (vocabulary, padding, metric slices, distance buckets) arrive as linked ar
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -56,8 +57,11 @@ class ProSGModule(L.LightningModule):
         eval_n_facts: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        # Under the CLI these are the class_path configs, so load_from_checkpoint can rebuild the model.
-        self.save_hyperparameters()
+        # Under the CLI (and load_from_checkpoint) these are the class_path configs, so a checkpoint
+        # rebuilds its model; Lightning's warning about module-valued arguments does not apply to them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
         if (backbone is None) == (pretrained is None):
             raise ConfigError("give exactly one of model.backbone (a class_path config) or model.pretrained (a checkpoint path)")
         if schedule not in ("cosine", "constant"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from prosg.errors import ConfigError
+from prosg.errors import ConfigError, ProSGError
 
 # DataModule facts the model needs, linked at instantiation: data attribute -> model argument. The
 # metric facts get their own names on the model: Lightning logs the hyper-parameters of both, and a
@@ -43,16 +44,74 @@ def lightning_main(args: list[str], run: bool = True):
             for fact, arg in DATA_LINKS.items():
                 parser.link_arguments(f"data.{fact}", f"model.{arg}", apply_on="instantiate")
 
-    return ProSGCLI(
-        ProSGModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
-        run=run,
-    )
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if "weights_only" in self._subcommand_method_arguments[subcommand]:
+                if kwargs.get("weights_only") is False:
+                    raise ConfigError(
+                        "--weights_only=false would let a checkpoint run arbitrary code while loading; ProSG "
+                        "checkpoints hold only tensors and plain data, so drop the flag"
+                    )
+                kwargs["weights_only"] = True  # whatever torch's default: no code runs from a checkpoint
+            return kwargs
+
+    from jsonargparse import ArgumentError
+
+    try:
+        return ProSGCLI(
+            ProSGModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            # the module builds its own parameter groups and schedule: no --optimizer/--lr_scheduler that
+            # would silently replace them
+            auto_configure_optimizers=False,
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+            args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
+            run=run,
+        )
+    except ProSGError:
+        raise
+    except (ArgumentError, ValueError, TypeError) as e:
+        # jsonargparse wraps errors of argument parsing and of instantiation (a ConfigError raised by
+        # one of our constructors included) into long messages; report the cause in one line
+        raise ConfigError(argument_problem(e, args)) from None
+
+
+def argument_problem(e: BaseException, args: list[str]) -> str:
+    """One line for an argument/config error: a ProSG error in its cause chain, else jsonargparse's gist."""
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ProSGError):
+            return str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(e)
+    command = args[0] if args and not args[0].startswith("-") else "fit"
+    key = re.search(r'Parser key "([^"]+)"', text)
+    bad = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text)
+    if bad:
+        valid = _init_args(bad[1])
+        where = f"{key[1]}.init_args." if key else ""
+        return (f"{where}{bad[2]}: {bad[1]} has no argument {bad[2]!r}"
+                + (f"; valid: {', '.join(valid)}" if valid else "") + f" (see `prosg {command} -h`)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "NoneType" not in ln
+             and not ln.strip().startswith(("Given value", "Subtypes:", "Errors:"))]
+    return f"{' '.join(lines)[:500]} (see `prosg {command} -h` for the options)"
+
+
+def _init_args(class_path: str) -> list[str]:
+    """The constructor argument names of a class given by its import path ([] if it cannot be imported)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 
 
 def resolve_config(args: list[str], run_dir: str | Path) -> str:
@@ -67,17 +126,15 @@ def resolve_config(args: list[str], run_dir: str | Path) -> str:
 
     import prosg.module  # noqa: F401
 
-    out, err = io.StringIO(), io.StringIO()
+    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out):
             lightning_main(["fit", *args, "--print_config"])
-    except SystemExit as e:  # --print_config exits 0 after printing; a bad argument exits 2
+    except SystemExit as e:  # --print_config exits 0 after printing
         if e.code not in (0, None):
-            reason = err.getvalue().split("error:", 1)[-1].strip()
-            raise ConfigError(
-                f"the run's arguments do not parse: {reason[:1500]}\n"
-                "fix the override (see `prosg fit -h` for the argument names)"
-            ) from None
+            raise ConfigError(f"the run's arguments do not parse (exit {e.code}); see `prosg fit -h`") from None
+    except ConfigError as e:
+        raise ConfigError(f"the run's arguments do not parse: {e}") from None
     config = yaml.safe_load(out.getvalue())
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(run_dir)

@@ -137,3 +137,7 @@ class ConstructedDataModule(BaseDataModule):
         """Readable strings for ``ids`` of ``example`` and the joiner to print them with."""
         task = self.split_tasks[example["meta"]["split"]][example["meta"]["task_id"]]
         return task.token_strs(ids), task.joiner
+
+    def token_names(self, ids: list[int]) -> list[str]:
+        """Readable names of ``ids`` (``k3``, ``v5``, ``<ask>``) in the first training task's vocabulary."""
+        return self.split_tasks["train"][0].token_strs(ids)

@@ -129,6 +129,9 @@ class SGHead(nn.Module):
             raise ConfigError(f"SGHead mode={mode!r}; choose one of {', '.join(MODES)}")
         if rank < 1:
             raise ConfigError(f"model.method.init_args.rank={rank} must be >= 1")
+        for knob, v in (("d_hidden", d_hidden), ("d_layer_emb", d_layer_emb)):
+            if v < 1:
+                raise ConfigError(f"model.method.init_args.{knob}={v} must be >= 1 (the width of the SG network)")
         self.target_patterns = list(targets) if targets else None
         self.rank, self.compression, self.mode = rank, compression, mode
         self.d_hidden, self.d_layer_emb = d_hidden, d_layer_emb
