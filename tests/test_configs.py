@@ -9,8 +9,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from prosg.backbones.base import Backbone
-from prosg.cli import lightning_main
 from prosg.sg import SGHead
+from prosg.train import lightning_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(CONF.glob("experiment/*.yaml"))

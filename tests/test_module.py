@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from prosg.baselines import SoftPrompt, repeat_prompt
-from prosg.cli import lightning_main, main
+from prosg.cli import main
 from prosg.errors import ConfigError, ProSGError
+from prosg.train import lightning_main
 
 SMALL = [
     "--trainer", "conf/trainer/debug.yaml",
