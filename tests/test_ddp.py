@@ -1,6 +1,6 @@
 """2-process CPU DDP (gloo) through the real CLI equals one process with the same global batch.
 
-The DDP run goes through ``python -m prosg.sweep --run-one`` (``lightning_main`` fit + test, as
+The DDP run goes through ``python -m prosg.sweep --run-one`` (``prosg.train.fit_and_test``, as
 ``prosg fit`` does; Lightning re-executes that command for rank 1), the single-process run through
 the same ``run_one`` in this process. Each rank takes half of every global batch from Lightning's
 DistributedSampler. Why the numbers can be equal (to float rounding), not just close:
@@ -28,7 +28,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from prosg.sweep import Run, execute_run, prepare, read_status, run_one
+from prosg.sweep.runner import execute_run, prepare, read_status, run_one
+from prosg.sweep.spec import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = [{"name": "recall", "n_facts": 2, "n_keys": 8, "n_values": 8, "response_len": 48,

@@ -13,13 +13,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-import prosg.sweep as sweep_mod
 from prosg import plots
 from prosg.cli import main as prosg_main
 from prosg.errors import ConfigError
 from prosg.sweep import (
-    collect, expand, format_value, load_sweep, main, prepare, read_status, run_one, submitit_parameters,
+    collect, expand, format_value, launchers, load_sweep, main, prepare, read_status, run_one, submitit_parameters,
 )
+from prosg.sweep.runner import write_status
+from prosg.train import lightning_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -145,8 +146,6 @@ def test_every_conf_sweep_expands(path, tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_sweep_cell_builds_its_model_and_data(path):
     # one run per cell through the real parser, so a misspelt override fails here and not mid-sweep
-    from prosg.cli import lightning_main
-
     cells = {}
     for r in expand(load_sweep(path)):
         cells.setdefault(tuple(sorted(r.labels.items())), r)
@@ -178,6 +177,8 @@ def test_demo_runs_end_to_end_local_and_submitit(demo):
         m = json.loads((d / "metrics.json").read_text())
         assert m["axes"] == {"method": name.split("-")[0]} and m["seed"] == int(name[-1]) and m["global_step"] == 2
         assert 0 <= m["test"]["test/all/acc"] <= 1 and "val/all/acc" in m["val"] and "train/loss" in m["train"]
+        sizes = m["sizes"]  # prosg.train.model_sizes of the trained model
+        assert sizes["memory"] == sizes["state"] + sizes["method"] > 0 and 0 < sizes["trainable_params"] <= sizes["total_params"]
         assert (d / "checkpoints/last.ckpt").is_file()  # checkpoints stay in the run directory
         assert "`Trainer.fit` stopped: `max_steps=2` reached." in (d / "log.txt").read_text()  # Lightning logs kept
     # the submitit runs went through the job array
@@ -196,7 +197,7 @@ def test_resume_launches_nothing(demo, monkeypatch, capsys):
     def must_not_run(run_dir):
         raise AssertionError(f"finished run {run_dir} launched again")
 
-    monkeypatch.setattr(sweep_mod, "execute_run", must_not_run)
+    monkeypatch.setattr(launchers, "execute_run", must_not_run)
     assert main([str(DEMO), "--out-dir", str(out)]) == 0
     assert "4 already done, 0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/status.json")} == before
@@ -240,7 +241,7 @@ def test_collect_plots_rank_axis_and_reports_missing_runs(tmp_path):
                 "test/all/area": acc, "test/all/half_life": "inf", "test/ppl": 5.0}
         (sw.out_dir / run.name / "metrics.json").write_text(json.dumps(
             {"axes": run.axes, "seed": run.seed, "test": test, "val": {}, "train": {}, "wall_s": 1, "global_step": 1}))
-        sweep_mod._write_status(sw.out_dir / run.name, "done")
+        write_status(sw.out_dir / run.name, "done")
     got = collect(sw, runs)
     assert [p["name"] for p in got.problems] == ["rank8-s1"] and got.problems[0]["status"] == "missing"
     by_rank = {c["labels"]["rank"]: c for c in got.summary}
@@ -250,7 +251,30 @@ def test_collect_plots_rank_axis_and_reports_missing_runs(tmp_path):
     assert "- rank8-s1 — missing" in md and "| rank8 | 1 | 0.400 |" in md
     for f in ("forgetting.png", "acc_vs_rank.png"):
         assert (sw.out_dir / f).read_bytes()[:8] == PNG_MAGIC
-    assert "acc-vs-state size plot skipped" in md and not (sw.out_dir / "acc_vs_state.png").exists()
+    assert "acc-vs-memory plot skipped" in md and not (sw.out_dir / "acc_vs_memory.png").exists()
+
+
+def test_collect_tables_sizes_and_plots_accuracy_vs_memory(tmp_path):
+    body = "axes:\n  d_state: {key: model.backbone.init_args.d_state, values: [2, 8]}\n  method: {plain: {}, sg: {}}\n"
+    sw = load_sweep(write_sweep(tmp_path, body))
+    runs = expand(sw)
+    prepare(runs, sw.out_dir)
+    for run in runs:
+        state = 100 * run.axes["d_state"]
+        sizes = {"state": state, "method": 0, "memory": state, "trainable_params": 1000 + state, "total_params": 5000}
+        test = {"test/all/acc": 0.1 * run.axes["d_state"] + (run.axes["method"] == "sg"), "test/all/acc@0-16": 0.5}
+        (sw.out_dir / run.name / "metrics.json").write_text(json.dumps(
+            {"axes": run.axes, "seed": run.seed, "test": test, "val": {}, "train": {}, "wall_s": 1, "global_step": 1,
+             "sizes": sizes}))
+        write_status(sw.out_dir / run.name, "done")
+    got = collect(sw, runs)
+    md = (sw.out_dir / "results.md").read_text()
+    assert md.splitlines()[4].endswith("| memory | trainable params |")
+    assert "| d_state8 | sg | 1 | 1.800 | 0.500 | 800 | 1800 |" in md
+    rows = {r["run"]: r for r in csv.DictReader(open(sw.out_dir / "results.csv"))}
+    assert float(rows["d_state2-plain-s0"]["memory"]) == 200 and float(rows["d_state2-sg-s0"]["trainable_params"]) == 1200
+    assert (sw.out_dir / "acc_vs_memory.png").read_bytes()[:8] == PNG_MAGIC
+    assert "acc-vs-memory" not in md and got.columns["memory"] == "memory"
 
 
 def test_submitit_parameters_are_accepted_by_submitit(tmp_path):
@@ -314,7 +338,7 @@ def test_crashed_run_is_isolated_reported_and_retried(tmp_path, monkeypatch, cap
     assert "| ok | 1 |" in err.out
 
     launched = []
-    monkeypatch.setattr(sweep_mod, "execute_run", lambda d, env=None: launched.append(Path(d).name) or read_status(d))
+    monkeypatch.setattr(launchers, "execute_run", lambda d, env=None: launched.append(Path(d).name) or read_status(d))
     assert main([str(path)]) == 1
     assert launched == ["segv-s0"]  # failed runs are retried on re-run, done ones are not
 
@@ -333,7 +357,7 @@ def test_changed_settings_of_a_finished_run_are_an_error(tmp_path):
     path = write_sweep(tmp_path, "overrides: {model.lr: 0.1}\n")
     sw = load_sweep(path)
     (run_dir,) = prepare(expand(sw), sw.out_dir)
-    sweep_mod._write_status(run_dir, "done")
+    write_status(run_dir, "done")
     prepare(expand(sw), sw.out_dir)  # unchanged: fine
     path.write_text(path.read_text().replace("0.1", "0.2"))
     with pytest.raises(ConfigError, match="finished with different settings.*delete"):
@@ -348,10 +372,10 @@ def test_local_launcher_runs_jobs_in_parallel_with_thread_cap(tmp_path, monkeypa
         time.sleep(0.2)
         return {"status": "done"}
 
-    monkeypatch.setattr(sweep_mod, "execute_run", fake)
+    monkeypatch.setattr(launchers, "execute_run", fake)
     dirs = [tmp_path / f"r{i}" for i in range(4)]
     start = time.time()
-    results = sweep_mod.launch_local(dirs, jobs=2, threads=1)
+    results = launchers.launch_local(dirs, jobs=2, threads=1)
     assert time.time() - start < 0.75  # 4 runs x 0.2 s, two at a time
     assert [r["status"] for r in results] == ["done"] * 4
     assert sorted(n for n, _ in seen) == ["r0", "r1", "r2", "r3"]

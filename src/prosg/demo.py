@@ -14,10 +14,10 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
+from prosg import results
 from prosg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,36 +25,29 @@ DEFAULT_SWEEP = REPO / "conf" / "sweep" / "demo.yaml"
 
 
 def bucket_table(rows: list[dict], split: str = "test") -> dict:
-    """method -> backbone -> bucket -> {mean, std, seeds: {seed: acc}} from collected sweep rows."""
-    pattern = re.compile(rf"^{split}/all/acc@(\d+)-(\d+|inf)$")
-    table: dict = {}
+    """method -> backbone -> bucket -> {seeds: {seed: acc}, mean, std} from collected sweep rows."""
+    cells: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
-        if not r["metrics"]:
-            continue
-        # a run without a method label (the gpt reference) is the plain model
-        method, backbone = r["labels"].get("method", "plain"), r["labels"].get("backbone", "-")
-        cell = table.setdefault(method, {}).setdefault(backbone, {})
-        for key, value in r["metrics"].items():
-            m = pattern.match(key)
-            if m and not math.isnan(value):
-                cell.setdefault(f"{m[1]}-{m[2]}", {"seeds": {}})["seeds"][str(r["seed"])] = value
-    for backbones in table.values():
-        for buckets in backbones.values():
-            for stats in buckets.values():
-                vals = list(stats["seeds"].values())
-                mean = sum(vals) / len(vals)
-                stats["mean"] = mean
-                stats["std"] = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        if r["metrics"]:
+            # a run without a method label (the gpt reference) is the plain model
+            method, backbone = r["labels"].get("method", "plain"), r["labels"].get("backbone", "-")
+            cells.setdefault(method, {}).setdefault(backbone, []).append(r)
+    table: dict = {}
+    for method, backbones in cells.items():
+        for backbone, group in backbones.items():
+            cell = table.setdefault(method, {}).setdefault(backbone, {})
+            with_data = dict.fromkeys(k for r in group for k, v in r["metrics"].items() if not math.isnan(v))
+            buckets = {k: (lo, hi) for k, lo, hi in results.bucket_keys(with_data, under=results.prefix(split))}
+            for key in (k for k in with_data if k in buckets):  # in the runs' order, as results.json has them
+                seeds = results.per_seed(group, key)
+                stats = results.mean_std(seeds.values())
+                cell[results.bucket_label(*buckets[key])] = {"seeds": seeds, "mean": stats.mean, "std": stats.band()}
     return table
-
-
-def _bucket_key(bucket: str) -> float:
-    return float(bucket.split("-")[0])
 
 
 def format_table(table: dict) -> str:
     """The forgetting table as text: one row per (backbone, method), one column per distance bucket."""
-    buckets = sorted({b for bb in table.values() for cell in bb.values() for b in cell}, key=_bucket_key)
+    buckets = results.sort_labels({b for bb in table.values() for cell in bb.values() for b in cell})
     head = f"{'backbone':8} {'method':10} " + " ".join(f"{'d ' + b:>13}" for b in buckets)
     lines = [head, "-" * len(head)]
     for backbone in sorted({b for bb in table.values() for b in bb}):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from prosg import results
 from prosg.errors import ConfigError, DataError
 
 BATCH_KEYS = ("input_ids", "answer_kind", "distance", "loss_weight", "task", "n_facts")
@@ -132,20 +133,22 @@ class ForgettingCurve(Metric):
         self.hits.scatter_add_(0, bucket, (keep & correct.bool()).flatten().long())
 
     def _names(self) -> list[str]:
-        names = [f"acc/{lo}-{hi}" for lo, hi in zip(self.edges, self.edges[1:])]
-        return [*names, f"acc/{self.edges[-1]}-inf"] if self.overflow else names
+        bounds: list[tuple[int, float]] = list(zip(self.edges, self.edges[1:]))
+        if self.overflow:
+            bounds.append((self.edges[-1], math.inf))
+        return [results.curve_bucket(lo, hi) for lo, hi in bounds]
 
     def _summary(self) -> dict[str, float]:
         hits, total = self.hits.tolist(), self.total.tolist()
         out: dict[str, float] = {}
         for k, name in enumerate(self._names()):
             out[name] = hits[k] / total[k] if total[k] else math.nan
-        out["acc"] = sum(hits) / sum(total) if sum(total) else math.nan
+        out[results.ACC] = sum(hits) / sum(total) if sum(total) else math.nan
         mids = [(lo + hi - 1) / 2 for lo, hi in zip(self.edges, self.edges[1:])]
         points = [(m, hits[k] / total[k]) for k, m in enumerate(mids) if total[k]]
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        out["area"] = trapezoid_area(xs, ys)
-        out["half_life"] = half_life(xs, ys)
+        out[results.AREA] = trapezoid_area(xs, ys)
+        out[results.HALF_LIFE] = half_life(xs, ys)
         return out
 
     def compute(self) -> dict[str, Tensor]:
@@ -270,7 +273,8 @@ class ForgettingMetrics(nn.Module):
     rank) returns a flat ``dict[str, float]``, already synchronised, with per slice
     ``{task}/n{n}/acc@{lo}-{hi}`` (+ ``acc@{last}-inf``), ``.../acc``, ``.../area``,
     ``.../half_life`` (prompt answers), ``.../local_acc`` (local answers), the same under
-    ``all/`` across slices, and ``ppl`` over response tokens with ``loss_weight > 0``.
+    ``all/`` across slices, and ``ppl`` over response tokens with ``loss_weight > 0`` (keys built by
+    ``prosg.results``).
     """
 
     def __init__(self, bucket_edges: Sequence[int], tasks: Sequence[str], n_facts: Sequence[int]) -> None:
@@ -278,11 +282,11 @@ class ForgettingMetrics(nn.Module):
         if not tasks or not n_facts:
             raise ConfigError(f"tasks={list(tasks)} and n_facts={list(n_facts)} must both be non-empty")
         pairs = [(str(t), int(n)) for t in tasks for n in n_facts]
-        self.slice_names = [f"{t}/n{n}" for t, n in pairs]
+        self.slice_names = [results.slice_name(t, n) for t, n in pairs]
         self._slice_index = {pair: i for i, pair in enumerate(pairs)}
         self.curves = nn.ModuleList(ForgettingCurve(bucket_edges, kind=2) for _ in self.slice_names)
         self.curve_all = ForgettingCurve(bucket_edges, kind=2)
-        self.local = SliceAccuracy([*self.slice_names, "all"])
+        self.local = SliceAccuracy([*self.slice_names, results.ALL])
         self.ppl = ResponsePerplexity()
 
     def _row_slices(self, batch: dict[str, Any]) -> list[int]:
@@ -312,18 +316,18 @@ class ForgettingMetrics(nn.Module):
         self.curve_all.update(correct, dist, kind)
         local = kind == 1
         self.local.update(correct, local, rows)
-        self.local.update(correct, local, "all")
+        self.local.update(correct, local, results.ALL)
         self.ppl.update(logits, ids, batch["loss_weight"])
 
     def compute(self) -> dict[str, float]:
         """Flat, DDP-synchronised ``{key: value}``; see the class docstring for the keys."""
         out: dict[str, float] = {}
         local = {k: float(v) for k, v in self.local.compute().items()}
-        for name, curve in [*zip(self.slice_names, self.curves), ("all", self.curve_all)]:
+        for name, curve in [*zip(self.slice_names, self.curves), (results.ALL, self.curve_all)]:
             for key, value in curve.compute().items():
-                out[f"{name}/{key.replace('acc/', 'acc@')}"] = float(value)
-            out[f"{name}/local_acc"] = local[name]
-        out["ppl"] = float(self.ppl.compute())
+                out[results.slice_key(name, results.flat_metric(key))] = float(value)
+            out[results.slice_key(name, results.LOCAL_ACC)] = local[name]
+        out[results.PPL] = float(self.ppl.compute())
         return out
 
     def reset(self) -> None:

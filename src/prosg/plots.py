@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-BUCKET_RE = re.compile(r"/acc@(\d+)-(\d+|inf)$")
+from prosg import results
 
 
 def _pyplot():
@@ -20,32 +20,23 @@ def _pyplot():
     return plt
 
 
-def bucket_midpoints(keys: list[str]) -> list[tuple[str, float]]:
-    """Bucket metric keys (``.../acc@lo-hi``) -> (key, x) sorted by distance; the open ``lo-inf``
-    bucket sits half the previous bucket's width past ``lo`` (it has no midpoint)."""
-    parsed = []
-    for k in keys:
-        m = BUCKET_RE.search(k)
-        if m:
-            parsed.append((int(m.group(1)), math.inf if m.group(2) == "inf" else int(m.group(2)), k))
-    parsed.sort()
+def bucket_midpoints(keys: Iterable[str], under: str | None = None) -> list[tuple[str, float]]:
+    """Bucket metric keys (``.../acc@lo-hi``, under prefix ``under`` if given) -> (key, x) sorted by distance;
+    the open ``lo-inf`` bucket sits half the previous bucket's width past ``lo`` (it has no midpoint)."""
+    buckets = results.bucket_keys(keys, under)
     out = []
-    for i, (lo, hi, k) in enumerate(parsed):
+    for i, (k, lo, hi) in enumerate(buckets):
         if math.isinf(hi):
-            prev_width = lo - parsed[i - 1][0] if i else max(lo, 2)
+            prev_width = lo - buckets[i - 1][1] if i else max(lo, 2)
             out.append((k, lo + prev_width / 2))
         else:
             out.append((k, (lo + hi) / 2))
     return out
 
 
-def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and sample std (as in results.md) ignoring NaN; one value gives std 0, none gives NaN."""
-    with np.errstate(all="ignore"):
-        n = np.sum(~np.isnan(rows), axis=0)
-        mean = np.where(n > 0, np.nansum(rows, axis=0) / np.maximum(n, 1), np.nan)
-        var = np.where(n > 1, np.nansum((rows - mean) ** 2, axis=0) / np.maximum(n - 1, 1), 0.0)
-    return mean, np.where(n > 0, np.sqrt(var), np.nan)
+def _mean_band(stats: list[results.Stats]) -> tuple[np.ndarray, np.ndarray]:
+    """Means and error-band stds (``Stats.band``: 0 for one value, NaN for none) as arrays."""
+    return np.array([s.mean for s in stats], dtype=float), np.array([s.band() for s in stats], dtype=float)
 
 
 def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, path: Path, title: str) -> bool:
@@ -54,20 +45,18 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
     ``groups``: label -> one metrics dict per seed. Returns False (and writes nothing) when no
     metrics under ``prefix`` have distance buckets.
     """
-    keys = sorted({k for runs in groups.values() for m in runs for k in m if k.startswith(prefix + "/acc@")})
-    points = bucket_midpoints(keys)
+    points = bucket_midpoints({k for runs in groups.values() for m in runs for k in m}, under=prefix)
     if not points:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = np.array([x for _, x in points])
     for label, runs in groups.items():
-        ys = np.array([[m.get(k, math.nan) for k, _ in points] for m in runs], dtype=float)
-        mean, std = _mean_std(ys)
+        mean, std = _mean_band([results.mean_std(m.get(k, math.nan) for m in runs) for k, _ in points])
         ok = ~np.isnan(mean)  # empty buckets are NaN: draw only where there is data
         (line,) = ax.plot(xs[ok], mean[ok], marker="o", label=f"{label} (n={len(runs)})")
         ax.fill_between(xs[ok], (mean - std)[ok], (mean + std)[ok], color=line.get_color(), alpha=0.2)
-    open_ended = "; the last bucket is open-ended" if points[-1][0].endswith("-inf") else ""
+    open_ended = "; the last bucket is open-ended" if results.is_open_bucket(points[-1][0]) else ""
     ax.set_xlabel(f"distance from the prompt (bucket midpoint{open_ended})")
     ax.set_ylabel("prompt-fact accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -77,9 +66,8 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
 
 def series_stats(points: dict[float, list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x -> values over seeds  ->  sorted xs, mean and sample std at each x."""
-    xs = np.array(sorted(points), dtype=float)
-    stats = [_mean_std(np.array(points[x], dtype=float)[:, None]) for x in sorted(points)]  # (seeds, 1) each
-    return xs, np.array([m[0] for m, _ in stats]), np.array([sd[0] for _, sd in stats])
+    xs = sorted(points)
+    return (np.array(xs, dtype=float), *_mean_band([results.mean_std(points[x]) for x in xs]))
 
 
 def metric_vs_axis(series: dict[str, dict[float, list[float]]], xlabel: str, ylabel: str, path: Path, title: str) -> None:
