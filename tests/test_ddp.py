@@ -57,9 +57,9 @@ class StepRecorder(L.Callback):
 
 def make_run(tmp: Path, name: str, devices: int, batch_size: int) -> Path:
     run = Run(
-        name=name, labels={}, axes={}, seed=0, experiment=ROOT / "conf/experiment/gpt_plain.yaml",
+        name=name, labels={}, axes={}, seed=0, experiment=ROOT / "conf/experiment/plain.yaml",
         overrides={
-            "trainer": str(ROOT / "conf/trainer/debug.yaml"),
+            "trainer": str(ROOT / "conf/trainer/debug.yaml"), "model.backbone": str(ROOT / "conf/model/gpt.yaml"),
             "trainer.accelerator": "cpu", "trainer.devices": devices,
             "trainer.strategy": "ddp" if devices > 1 else "auto",
             "trainer.max_steps": STEPS, "trainer.val_check_interval": STEPS, "trainer.num_sanity_val_steps": 0,

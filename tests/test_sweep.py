@@ -37,7 +37,7 @@ class Segfault(L.Callback):
 
 def write_sweep(tmp: Path, body: str, name: str = "s.yaml") -> Path:
     path = tmp / name
-    path.write_text(f"experiment: {CONF / 'experiment/gpt_plain.yaml'}\nout_dir: {tmp / 'out'}\n{body}")
+    path.write_text(f"experiment: {CONF / 'experiment/plain.yaml'}\nout_dir: {tmp / 'out'}\n{body}")
     return path
 
 
@@ -51,9 +51,9 @@ axes:
     gpt: {model.backbone: ../model/gpt.yaml}
     tiny: {model.backbone: ../model/gpt.yaml, model.backbone.init_args.d_model: 16}
   method:
-    plain: {model.sg_head: null}
-    sg: {model.sg_head: ../model/sg_head/slots.yaml, model.lr: 0.2}
-  rank: {key: model.sg_head.init_args.rank, values: [4, 8], when: {method: sg}}
+    plain: {model.method: ../method/plain.yaml}
+    sg: {model.method: ../method/sg.yaml, model.lr: 0.2}
+  rank: {key: model.method.init_args.rank, values: [4, 8], when: {method: sg}}
 """
 
 
@@ -80,13 +80,13 @@ def test_overrides_merge_order_and_formatting(tmp_path):
     run = next(r for r in expand(sw) if r.name == "tiny-sg-rank8-s1")
     # common overrides, then axes in order, then the seed; a replaced key moves to the end
     assert list(run.overrides) == [
-        "trainer.max_steps", "model.backbone", "model.backbone.init_args.d_model", "model.sg_head", "model.lr",
-        "model.sg_head.init_args.rank", "seed_everything",
+        "trainer.max_steps", "model.backbone", "model.backbone.init_args.d_model", "model.method", "model.lr",
+        "model.method.init_args.rank", "seed_everything",
     ]
     assert run.overrides["model.lr"] == 0.2 and run.overrides["seed_everything"] == 1
     args = run.args()
-    assert args[:2] == ["--config", str(CONF / "experiment/gpt_plain.yaml")]
-    assert args.index("--model.sg_head.init_args.rank=8") > args.index(f"--model.sg_head={tmp_path.parent / 'model/sg_head/slots.yaml'}")
+    assert args[:2] == ["--config", str(CONF / "experiment/plain.yaml")]
+    assert args.index("--model.method.init_args.rank=8") > args.index(f"--model.method={tmp_path.parent / 'method/sg.yaml'}")
     assert format_value(None) == "null" and format_value(False) == "false"
     assert format_value(1e-5) == "1.0e-05" and format_value(0.003) == "0.003"
     assert format_value([{"name": "recall", "n_facts": 2}]) == '[{"name": "recall", "n_facts": 2}]'
@@ -232,7 +232,7 @@ def test_collect_tables_match_metrics(demo, capsys):
 
 
 def test_collect_plots_rank_axis_and_reports_missing_runs(tmp_path):
-    sw = load_sweep(write_sweep(tmp_path, "seeds: [0, 1]\naxes:\n  rank: {key: model.sg_head.init_args.rank, values: [2, 4, 8]}\n"))
+    sw = load_sweep(write_sweep(tmp_path, "seeds: [0, 1]\naxes:\n  rank: {key: model.method.init_args.rank, values: [2, 4, 8]}\n"))
     runs = expand(sw)
     prepare(runs, sw.out_dir)
     for i, run in enumerate(runs[:-1]):  # the last run never ran
@@ -308,6 +308,7 @@ overrides:
   trainer.limit_val_batches: 1
   trainer.limit_test_batches: 1
   trainer.num_sanity_val_steps: 0
+  model.backbone: {gpt}
   model.backbone.init_args.d_model: 16
   model.backbone.init_args.n_layer: 1
   data.init_args.tasks: [{{name: recall, n_facts: 2, n_keys: 8, n_values: 8, response_len: 24}}]
@@ -321,7 +322,7 @@ overrides:
 @pytest.mark.slow  # two subprocess runs, ~15-25 s
 def test_crashed_run_is_isolated_reported_and_retried(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    body = TINY.format(debug=CONF / "trainer/debug.yaml") + (
+    body = TINY.format(debug=CONF / "trainer/debug.yaml", gpt=CONF / "model/gpt.yaml") + (
         "axes:\n  case:\n    segv: {trainer.callbacks+: test_sweep.Segfault}\n    ok: {}\n"
     )
     path = write_sweep(tmp_path, body)
@@ -344,7 +345,7 @@ def test_crashed_run_is_isolated_reported_and_retried(tmp_path, monkeypatch, cap
 
 
 def test_bad_override_fails_with_the_cli_error(tmp_path):
-    body = TINY.format(debug=CONF / "trainer/debug.yaml") + "axes:\n  bb: {missing: {model.backbone: missing.yaml}}\n"
+    body = TINY.format(debug=CONF / "trainer/debug.yaml", gpt=CONF / "model/gpt.yaml") + "axes:\n  bb: {missing: {model.backbone: missing.yaml}}\n"
     sw = load_sweep(write_sweep(tmp_path, body))
     (run_dir,) = prepare(expand(sw), sw.out_dir)
     with pytest.raises(ConfigError, match="do not parse"):

@@ -7,7 +7,7 @@ import sys
 
 USAGE = """usage: prosg <command> [options]
 
-training and evaluation (LightningCLI; YAML in conf/, e.g. --config conf/experiment/mamba_sg.yaml):
+training and evaluation (LightningCLI; YAML in conf/, e.g. --config conf/experiment/sg.yaml):
   fit        train (and validate) a model
   validate   forgetting metrics on the validation split
   test       forgetting metrics on the test split

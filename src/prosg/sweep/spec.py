@@ -3,7 +3,7 @@
 Sweep file (YAML; omegaconf ``${...}`` interpolation works inside it)::
 
     name: recall_methods                         # title of tables and plots (default: the file's stem)
-    experiment: ../experiment/mamba_plain.yaml   # base experiment, relative to this file
+    experiment: ../experiment/plain.yaml   # base experiment, relative to this file
     out_dir: runs/sweeps/recall_methods          # relative to the working directory, like trainer.default_root_dir
     seeds: [0, 1, 2]                             # every grid cell runs once per seed (default [0])
     seed_keys: [seed_everything]                 # what a seed sets (default); add data.init_args.seed to also
@@ -15,16 +15,16 @@ Sweep file (YAML; omegaconf ``${...}`` interpolation works inside it)::
         mamba: {model.backbone: ../model/mamba.yaml}
         rwkv7: {model.backbone: ../model/rwkv7.yaml}
       method:
-        plain: {model.sg_head: null}
-        sg: {model.sg_head: ../model/sg_head/slots.yaml, model.freeze_backbone: false}
+        plain: {model.method: ../method/plain.yaml}
+        sg: {model.method: ../method/sg.yaml, model.freeze_backbone: false}
       rank:                                      # shorthand: one key, a list of values
-        key: model.sg_head.init_args.rank
+        key: model.method.init_args.rank
         values: [4, 8, 16]
         when: {method: sg}                       # only crossed with these labels of earlier axes
     launcher: {name: local}                      # or submitit (settings: prosg.sweep.launchers)
 
 Override keys are LightningCLI argument names, exactly what follows ``--`` on the command line
-(``trainer.max_steps``, ``model.sg_head.init_args.rank``, ``trainer.callbacks+``); each becomes
+(``trainer.max_steps``, ``model.method.init_args.rank``, ``trainer.callbacks+``); each becomes
 ``--key=value`` (null -> ``null``, lists/dicts -> JSON). A string value ending in ``.yaml``/``.yml``
 is a config path relative to the sweep file. A run's arguments are ``--config <experiment>``, then
 ``overrides``, then each axis's overrides in axis order, then the seed keys: a later key replaces an
@@ -215,7 +215,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
     base = path.parent
     if "experiment" not in raw:
-        raise ConfigError(f"{path}: set experiment: <base experiment YAML>, e.g. ../experiment/gpt_plain.yaml")
+        raise ConfigError(f"{path}: set experiment: <base experiment YAML>, e.g. ../experiment/plain.yaml")
     experiment = Path(_resolve_path(str(raw["experiment"]), base))
     if not experiment.is_file():
         raise ConfigError(f"{path}: experiment {experiment} does not exist; give a path relative to the sweep file")
