@@ -66,7 +66,7 @@ if str(SRC) not in sys.path:
 STAGES = ("env", "install", "build", "correctness", "fit", "speed")
 # Seconds of wall clock per stage. One device call may run 600 s: the run stops starting work at
 # --total (570 s). build runs beside the first correctness jobs, so the budgets add up to more. Its
-# slowest file, a selective_scan backward, took 3 CPU minutes for sm_90 here (benchmarks/README.md).
+# slowest file, a selective_scan backward, took 4 CPU minutes for sm_90 here (benchmarks/README.md).
 BUDGETS = {"env": 20, "install": 40, "build": 300, "correctness": 200, "fit": 75, "speed": 170}
 TOTAL_S = 570.0
 # Upper bound per backbone subprocess inside a stage (first Triton compiles and autotuning included).
@@ -227,7 +227,7 @@ class Context:
     fit_steps: int = FIT_STEPS["full"]
     run_deadline: float = float("inf")
     builds: dict[str, Background] = field(default_factory=dict)
-    build_status: str = "failed"  # the builds' outcome, once awaited
+    build_statuses: list[str] = field(default_factory=list)  # per package, as each is known
 
     def emit(self, record: dict[str, Any]) -> None:
         """Record one result."""
@@ -245,7 +245,7 @@ class Context:
     def await_builds(self) -> float:
         """Wait for the background builds, recording each outcome -> seconds spent waiting."""
         t0 = time.monotonic()
-        statuses = []
+        waited = bool(self.builds)
         for name, bg in list(self.builds.items()):
             status, seconds = bg.wait()
             del self.builds[name]
@@ -254,10 +254,9 @@ class Context:
             if status != "ok":
                 record["error"] = error_lines(bg.log)
             self.emit(record)
-            statuses.append(status)
-        if statuses:
-            self.build_status = worst(statuses)
-            self.emit({"stage": "build", "status": self.build_status, "waited_s": round(time.monotonic() - t0, 1)})
+            self.build_statuses.append(status)
+        if waited:
+            self.emit({"stage": "build", "status": worst(self.build_statuses), "waited_s": round(time.monotonic() - t0, 1)})
         return time.monotonic() - t0
 
     def kill_background(self) -> None:
@@ -305,7 +304,7 @@ def run_stages(stages: list[Stage], ctx: Context, total_s: float) -> dict[str, s
         statuses[st.name] = status
     if ctx.builds:  # nothing waited for them: wait now (they stop at their own deadline)
         ctx.await_builds()
-    return {name: ctx.build_status if status == "running" else status for name, status in statuses.items()}
+    return {name: worst(ctx.build_statuses) if status == "running" else status for name, status in statuses.items()}
 
 
 def guarded(fn: Callable[[Context, float], str | None], ctx: Context, deadline: float, name: str) -> str | None:
@@ -452,29 +451,34 @@ def build_env(ctx: Context) -> dict[str, str]:
 
 def stage_build(ctx: Context, deadline: float) -> str | None:
     """Start the compiles of causal-conv1d and mamba-ssm side by side, in the background, boxed at deadline."""
-    statuses = []
     for pkg in (p for p in PACKAGES if p.build):
         files = sorted(ctx.wheels.glob(pkg.pattern))
-        if importable(pkg.module, ctx.site):
-            ctx.emit({"stage": "build", "package": pkg.dist, "status": "present"})
+        record: dict[str, Any] = {"stage": "build", "package": pkg.dist}
+        if importable(pkg.module, ctx.site):  # built by an earlier run on this machine
+            ctx.emit({**record, "status": "present"})
+            ctx.build_statuses.append("ok")
             continue
         if not files:
-            ctx.emit({"stage": "build", "package": pkg.dist, "status": "missing", "hint": "benchmarks/fetch_gpu_wheels.sh"})
-            statuses.append("failed")
+            ctx.emit({**record, "status": "missing", "hint": "benchmarks/fetch_gpu_wheels.sh"})
+            ctx.build_statuses.append("failed")
             continue
-        source = unpack_and_patch(files[-1], ctx.work / "src", ctx.arch)
+        try:
+            source = unpack_and_patch(files[-1], ctx.work / "src", ctx.arch)
+        except (ValueError, OSError, tarfile.TarError, SyntaxError) as e:  # unpatched it would compile nine archs
+            ctx.emit({**record, "status": "failed", "error": f"patch: {e}"})
+            ctx.build_statuses.append("failed")
+            continue
         log = ctx.work / f"build_{pkg.dist}.log"
         argv = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-index", "--no-deps", "--no-compile",
-                "--upgrade", "--target", str(ctx.site), "--find-links", str(ctx.wheels), "-v", str(source)]
+                "--upgrade", "--target", str(ctx.site), "-v", str(source)]
         ctx.site.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as f:
             proc = subprocess.Popen(argv, env=build_env(ctx), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         ctx.builds[pkg.dist] = Background(pkg.dist, proc, time.monotonic(), min(deadline, ctx.run_deadline), log)
-        ctx.emit({"stage": "build", "package": pkg.dist, "status": "started", "source": files[-1].name, "arch": ctx.arch,
+        ctx.emit({**record, "status": "started", "source": files[-1].name, "arch": ctx.arch,
                   "budget_s": round(ctx.left(deadline), 1)})
-    if ctx.builds:
-        return None  # reported when awaited (correctness, before the families that need it)
-    return worst(statuses) if statuses else "ok"
+    # reported when awaited (correctness, before the families that need the build)
+    return None if ctx.builds else worst(ctx.build_statuses)
 
 
 def dry_build(ctx: Context, deadline: float) -> str:
