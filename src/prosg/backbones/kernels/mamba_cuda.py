@@ -122,13 +122,17 @@ def mixer_step(mixer: nn.Module, x: Tensor, state: tuple[Tensor, Tensor], kernel
     # The kernels update the state in place; clone so callers' states stay immutable.
     conv_state, ssm_state = state[0].clone(), state[1].clone()
     xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
+    # causal_conv1d_update requires x in the conv state's dtype (a TORCH_CHECK): under autocast xs is
+    # bf16 while a state from init_state is fp32. The state keeps its dtype, as in the pure step.
     u = kernels.causal_conv1d_update(
-        xs, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, "silu"
+        xs.to(conv_state.dtype), conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, "silu"
     )
     dt, Bm, Cm = mixer.x_proj(u).split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-    dt = mixer.dt_proj(dt)  # bias included, so no dt_bias below
+    dt = mixer.dt_proj(dt)  # bias included (dt_proj stays a module call, for hooks): a zero dt_bias below
     A = -torch.exp(mixer.A_log.float())
+    # dt_bias=None is not an option: selective_state_update then unpacks `*0` into its kernel's arguments
+    # (mamba-ssm 2.3.2: `*(dt_bias.stride(0), dt_bias.stride(1)) if dt_bias is not None else 0`), a TypeError.
     y = kernels.selective_state_update(
-        ssm_state, u, dt, A, Bm, Cm, mixer.D, z=z, dt_bias=None, dt_softplus=True
+        ssm_state, u, dt, A, Bm, Cm, mixer.D, z=z, dt_bias=dt.new_zeros(dt.shape[-1]), dt_softplus=True
     )
     return mixer.out_proj(y), (conv_state, ssm_state)
