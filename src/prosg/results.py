@@ -21,12 +21,18 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 ALL = "all"  # the slice over every task and fact count
 ACC, AREA, HALF_LIFE, LOCAL_ACC, PPL, LOSS = "acc", "area", "half_life", "local_acc", "ppl", "loss"
+# what a forgetting curve reports per distance bucket besides accuracy: binding errors (another prompt
+# answer), answers outside the prompt, the reference lines, and the distances the bucket really holds
+BIND_ERR, NOT_PROMPT, CEILING, CHANCE = "bind_err", "not_prompt", "ceiling", "chance"
+COUNT, DMIN, DMAX = "n", "dmin", "dmax"
+BUCKET_STATS = (ACC, BIND_ERR, NOT_PROMPT, CEILING, CHANCE, COUNT, DMIN, DMAX)
 SPLITS = ("test", "val", "train")  # the parts of metrics.json, in the order rows read them
 RUN_COLUMNS = ("wall_s", "global_step")  # per-run numbers of metrics.json besides the split metrics
 SIZE_COLUMNS = {"memory": "memory", "trainable params": "trainable_params"}  # table title -> key in "sizes"
 _BOUNDS = r"(\d+)-(\d+|inf)"
 _BUCKET_RE = re.compile(rf"^{ACC}@{_BOUNDS}$")
-_CURVE_RE = re.compile(rf"^{ACC}/{_BOUNDS}$")
+_STAT_RE = re.compile(rf"^(\w+)@{_BOUNDS}$")
+_CURVE_RE = re.compile(rf"^(\w+)/{_BOUNDS}$")
 _LABEL_RE = re.compile(rf"^{_BOUNDS}$")
 
 V = TypeVar("V")
@@ -44,20 +50,20 @@ def bucket_label(lo: int, hi: float) -> str:
     return f"{lo}-{_bound(hi)}"
 
 
-def bucket_metric(lo: int, hi: float) -> str:
-    """``acc@lo-hi``: the metric name of a distance bucket in a flat key."""
-    return f"{ACC}@{bucket_label(lo, hi)}"
+def bucket_metric(lo: int, hi: float, stat: str = ACC) -> str:
+    """``<stat>@lo-hi`` (default ``acc@lo-hi``): the metric name of a distance bucket in a flat key."""
+    return f"{stat}@{bucket_label(lo, hi)}"
 
 
-def curve_bucket(lo: int, hi: float) -> str:
-    """``acc/lo-hi``: a bucket as ``ForgettingCurve.compute()`` names it."""
-    return f"{ACC}/{bucket_label(lo, hi)}"
+def curve_bucket(lo: int, hi: float, stat: str = ACC) -> str:
+    """``<stat>/lo-hi``: a bucket statistic as ``ForgettingCurve.compute()`` names it."""
+    return f"{stat}/{bucket_label(lo, hi)}"
 
 
 def flat_metric(curve_name: str) -> str:
     """A ``ForgettingCurve`` name -> the metric part of a flat key (``acc/0-4`` -> ``acc@0-4``)."""
     m = _CURVE_RE.match(curve_name)
-    return bucket_metric(int(m[1]), _hi(m[2])) if m else curve_name
+    return bucket_metric(int(m[2]), _hi(m[3]), m[1]) if m and m[1] in BUCKET_STATS else curve_name
 
 
 def slice_name(task: str, n_facts: int) -> str:
@@ -110,9 +116,15 @@ class Key:
 
     @property
     def bucket(self) -> tuple[int, float] | None:
-        """(lo, hi) of a distance-bucket metric, hi = inf for the open bucket; None for other metrics."""
+        """(lo, hi) of a distance-bucket accuracy, hi = inf for the open bucket; None for other metrics."""
         m = _BUCKET_RE.match(self.metric)
         return (int(m[1]), _hi(m[2])) if m else None
+
+    @property
+    def bucket_stat(self) -> tuple[str, int, float] | None:
+        """(stat, lo, hi) of any per-bucket statistic (``bind_err@16-32`` -> ("bind_err", 16, 32)); else None."""
+        m = _STAT_RE.match(self.metric)
+        return (m[1], int(m[2]), _hi(m[3])) if m and m[1] in BUCKET_STATS else None
 
 
 def parse_key(key: str) -> Key | None:
