@@ -1,6 +1,7 @@
 """The LightningModule through the real CLI: fit, resume, validate, generate, bad input."""
 
 import glob
+import re
 
 import lightning as L
 import pytest
@@ -76,8 +77,12 @@ def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     assert 0.0 <= float(metrics["val/recall/n4/acc"]) <= 1.0
     capsys.readouterr()
     assert main(["generate", "--ckpt", ckpt, "--prompt-ids", "1 5 21 6 22 2", "--max-new-tokens", "5"]) == 0
-    tokens = capsys.readouterr().out.split()
-    assert len(tokens) == 5 and all(t.isdigit() for t in tokens)
+    tokens = capsys.readouterr().out.split()  # printed by name in the checkpoint's task vocabulary
+    assert len(tokens) == 5 and all(re.fullmatch(r"<\w+>|[kv]\d+", t) for t in tokens)
+    assert main(["generate", "--ckpt", ckpt, "--prompt-ids", "1 5 21 6 22 2", "--max-new-tokens", "5",
+                 "--ids", "true"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 5 and all(t.isdigit() for t in ids)
 
 
 def _validate_with(method, ckpt):
