@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dm(**kw):
-    args = dict(tasks=[{"name": "recall", "response_len": 60}, {"name": "copy", "seq_len": 5, "n_repeats": 2}],
+    args = dict(tasks=[{"name": "recall", "response_len": 60}, {"name": "copy", "seq_len": 5, "gap_range": [0, 10]}],
                 train_size=30, val_size=10, test_size=6, batch_size=4, seed=7, eval_distance_scale=2.0)
     args.update(kw)
     return ConstructedDataModule(**args)
@@ -94,7 +94,7 @@ def test_stored_datamodule_gives_the_generated_batches(tmp_path):
 
 def test_stored_facts_are_final_right_after_construction(tmp_path):
     facts = lambda d: {fact: getattr(d, fact) for fact in DATA_LINKS}  # noqa: E731
-    d = dm(tasks=[{"name": "recall", "n_facts": 3, "response_len": 60}, {"name": "instruction", "rules": ["ending"]}])
+    d = dm(tasks=[{"name": "recall", "n_facts": 3, "response_len": 60}, {"name": "instruction", "n_facts": 1}])
     write_dataset(d, tmp_path / "c", splits=["val"])
     s = StoredDataModule(str(tmp_path / "c"))
     assert facts(s) == facts(d) and s.n_facts_values == [1, 3]  # as the source declared them
@@ -172,7 +172,7 @@ def test_cli_shows_instruction_and_jsonl(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["show", "--config", "conf/data/instruction.yaml", "-n", "1", "--color", "never"]) == 0
     text = capsys.readouterr().out
-    assert "Use the word '" in text and " d=0]" in text  # the opener starts every response
+    assert "is named" in text and " named [" in text  # the scored first letter of the name
     assert main(["show", "--config", "conf/data/jsonl.yaml", "-n", "1", "--split", "train", "--color", "never"]) == 0
     assert "(Le ciel est bleu par une journée claire.)" in capsys.readouterr().out
 

@@ -82,7 +82,8 @@ def test_datamodule_exposes_linkable_facts_and_longer_eval_distances():
     assert dm.vocab_size == 5 + 16 + 20  # the widest split decides
     assert dm.pad_id == 0 and dm.tasks == ["recall"]
     assert dm.max_len == 10 + 384
-    assert dm.bucket_edges == [0, 16, 32, 64, 128, 256, 384]
+    # doubling up to the longest distance generated (128); the training maximum + 1 (33) replaces 32
+    assert dm.bucket_edges == [0, 16, 33, 64, 129]
     train_d = [d for i in range(8) for d in dm.dataset("train")[i]["distance"] if d >= 0]
     val_d = [d for i in range(8) for d in dm.dataset("val")[i]["distance"] if d >= 0]
     assert max(train_d) <= 32 and max(val_d) > 64 and max(val_d) <= 128
@@ -97,12 +98,12 @@ def linked_facts(dm):
 
 def test_constructed_facts_are_final_right_after_construction():
     dm = ConstructedDataModule(
-        tasks=[{"name": "recall", "n_facts": 3, "response_len": 40}, {"name": "copy", "seq_len": 6, "n_repeats": 2},
-               {"name": "instruction", "rules": ["keyword"], "response_len": 100}],
+        tasks=[{"name": "recall", "n_facts": 3, "response_len": 40}, {"name": "copy", "seq_len": 6, "gap_range": [0, 20]},
+               {"name": "instruction", "n_facts": 1, "response_len": 120}],
         train_size=60, val_size=30, test_size=0,
     )
     assert linked_facts(dm) == {
-        "vocab_size": 260, "pad_id": 0, "bucket_edges": [0, 16, 32, 64, 100],
+        "vocab_size": 260, "pad_id": 0, "bucket_edges": [0, 16, 24, 39, 59],  # each task's longest distance + 1
         "tasks": ["recall", "copy", "instruction"], "n_facts_values": [1, 3, 6],
     }
     exs = [ex for s in ("train", "val") for ex in dm.examples(s)]  # what the data then holds agrees
@@ -112,7 +113,7 @@ def test_constructed_facts_are_final_right_after_construction():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"val_overrides": {"n_repeats": 2}}, "no task has"),
+        ({"val_overrides": {"gap_range": [0, 2]}}, "no task has"),
         ({"tasks": []}, "tasks is empty"),
         ({"tasks": [{"name": "recall", "weight": 0}]}, "weight"),
         ({"batch_size": 0}, "batch_size"),
@@ -130,7 +131,7 @@ def test_bad_datamodule_config_fails_at_construction(kwargs, match):
 
 def test_mixture_follows_weights_and_keeps_task_slices():
     dm = ConstructedDataModule(
-        tasks=[{"name": "recall", "weight": 3.0}, {"name": "copy", "weight": 1.0, "seq_len": 4, "n_repeats": 2}],
+        tasks=[{"name": "recall", "weight": 3.0}, {"name": "copy", "weight": 1.0, "seq_len": 4}],
         train_size=400, val_size=4, test_size=4,
     )
     names = [dm.dataset("train")[i]["task"] for i in range(400)]

@@ -112,3 +112,18 @@ def test_a_method_attaches_once():
     m.attach(tiny("gpt"))
     with pytest.raises(RuntimeError, match="already attached"):
         m.attach(tiny("gpt"))
+
+
+@pytest.mark.parametrize("method", ["plain", "jrt", "soft_prompt", "sg"])
+@pytest.mark.parametrize("family", ["mamba", "rwkv7", "gpt"])
+def test_forced_text_after_the_prompt_reaches_the_model_like_generated_tokens(family, method):
+    m = attached(family, method)
+    ids = torch.randint(1, V, (2, 9))
+    P, F = 3, 4
+    batch = m.prepare({"input_ids": ids, "prompt_len": torch.tensor([P, P])}, pad_id=0)
+    shift = int(batch["prompt_len"][0]) - P  # JRT reads the prompt twice
+    with torch.no_grad():
+        teacher = m(batch).logits[:, shift + P + F - 1]  # prediction of token P + F
+        # generate continues greedily from the teacher-forced text: its first token is the teacher's argmax
+        new = generate(m, ids[:, :P], 1, forced=ids[:, P : P + F])
+    assert torch.equal(new[:, 0], teacher.argmax(-1))

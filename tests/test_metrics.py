@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from prosg.errors import ConfigError, DataError
+from prosg import results
 from prosg.metrics import (
     ForgettingCurve,
     ForgettingMetrics,
@@ -57,7 +58,14 @@ def test_forgetting_curve_by_hand():
     m = ForgettingCurve(EDGES)
     m.update(*curve_data())
     out = {k: float(v) for k, v in m.compute().items()}
-    assert set(out) == {"acc/0-4", "acc/4-8", "acc/8-16", "acc/16-inf", "acc", "area", "half_life"}
+    buckets = ("0-4", "4-8", "8-16", "16-inf")
+    stats = ("acc", "bind_err", "not_prompt", "ceiling", "chance", "n", "dmin", "dmax")
+    assert set(out) == {f"{s}/{b}" for s in stats for b in buckets} | {
+        "acc", "bind_err", "not_prompt", "ceiling", "chance", "area", "half_life"}
+    # each bucket reports how many answers it holds and the distances it really spans
+    assert [out[f"n/{b}"] for b in buckets] == [4, 4, 4, 2]
+    assert (out["dmin/0-4"], out["dmax/0-4"], out["dmin/16-inf"], out["dmax/16-inf"]) == (0, 3, 20, 300)
+    assert math.isnan(out["bind_err"]) and math.isnan(out["chance"])  # no answer sets given
     assert out["acc/0-4"] == 1.0 and out["acc/4-8"] == 0.75 and out["acc/8-16"] == 0.25
     assert out["acc/16-inf"] == 0.5
     assert out["acc"] == pytest.approx(9 / 14)
@@ -70,6 +78,30 @@ def test_forgetting_curve_by_hand():
     torch.testing.assert_close(mids, torch.tensor([1.5, 5.5, 11.5], dtype=torch.float64))
     torch.testing.assert_close(acc, torch.tensor([1.0, 0.75, 0.25], dtype=torch.float64))
     assert counts.tolist() == [4, 4, 4]
+
+
+def test_binding_errors_outside_answers_and_reference_lines_by_hand():
+    # one sample, prompt answers at distances 1, 2, 5, 9; the prompt's answer set is {7, 8, 9}
+    target = torch.tensor([[0, 7, 8, 9, 0, 7, 0, 0, 0, 8]])
+    pred = torch.tensor([[0, 7, 9, 3, 0, 8, 0, 0, 0, 8]])  # right, binding error, outside, binding error, right
+    kind = torch.zeros_like(target)
+    kind[0, [1, 2, 3, 5, 9]] = 2
+    dist = torch.where(kind == 2, torch.arange(10)[None], -1)
+    m = ForgettingCurve([0, 4, 8, 16])
+    m.update(pred == target, dist, kind, pred=pred, target=target,
+             candidates=torch.tensor([[7, 8, 9, -1]]), chance=torch.tensor([0.125]))
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["acc/0-4"] == pytest.approx(1 / 3) and out["bind_err/0-4"] == pytest.approx(1 / 3)
+    assert out["not_prompt/0-4"] == pytest.approx(1 / 3)
+    assert out["acc/4-8"] == 0 and out["bind_err/4-8"] == 1 and out["not_prompt/4-8"] == 0
+    assert out["acc/8-16"] == 1 and out["bind_err/8-16"] == 0
+    assert out["ceiling/0-4"] == pytest.approx(1 / 3) and out["chance/8-16"] == pytest.approx(0.125)
+    assert out["acc"] + out["bind_err"] + out["not_prompt"] == pytest.approx(1.0)
+    # a repeated value in the answer set raises the ceiling of the answers equal to it
+    m2 = ForgettingCurve([0, 4])
+    m2.update(pred[:, :3] == target[:, :3], dist[:, :3], kind[:, :3], pred=pred[:, :3], target=target[:, :3],
+              candidates=torch.tensor([[7, 7, 8, 9]]), chance=torch.tensor([0.1]))
+    assert float(m2.compute()["ceiling/0-4"]) == pytest.approx((2 / 4 + 1 / 4) / 2)
 
 
 def test_forgetting_curve_empty_bucket_is_nan_and_skipped():
@@ -92,7 +124,8 @@ def test_forgetting_curve_never_forgets_and_no_data():
     empty = ForgettingCurve(EDGES)
     with pytest.warns(UserWarning, match="before the ``update``"):
         out = {k: float(v) for k, v in empty.compute().items()}
-    assert all(math.isnan(v) for v in out.values())
+    assert all(math.isnan(v) for k, v in out.items() if not k.startswith("n/"))
+    assert all(v == 0 for k, v in out.items() if k.startswith("n/"))
 
     single = ForgettingCurve(EDGES)
     single.update(*rows((2, 5, True), (2, 6, False), (2, 7, False)))
@@ -119,7 +152,7 @@ def test_forgetting_curve_other_kind_accumulate_and_reset():
     split.update(correct[:, :7], dist[:, :7], kind[:, :7])
     split.update(correct[:, 7:], dist[:, 7:], kind[:, 7:])
     assert {k: float(v) for k, v in split.compute().items()} == pytest.approx(
-        {k: float(v) for k, v in whole.compute().items()}
+        {k: float(v) for k, v in whole.compute().items()}, nan_ok=True
     )
 
     split.reset()
@@ -236,11 +269,11 @@ def test_forgetting_metrics_collection():
         ref = ForgettingCurve(edges)
         ref.update(correct[row : row + 1], dist[row : row + 1], kind[row : row + 1])
         for key, value in ref.compute().items():
-            assert out[f"{name}/{key.replace('acc/', 'acc@')}"] == pytest.approx(float(value), nan_ok=True)
+            assert out[f"{name}/{results.flat_metric(key)}"] == pytest.approx(float(value), nan_ok=True)
         local = kind[row] == 1
         expected_local = correct[row][local].float().mean().item() if local.any() else math.nan
         assert out[f"{name}/local_acc"] == pytest.approx(expected_local, nan_ok=True)
-    for key in ("acc@0-3", "acc@3-6", "acc@6-inf", "acc", "area", "half_life", "local_acc"):
+    for key in ("acc@0-3", "acc@3-6", "acc@6-inf", "bind_err@0-3", "dmin@6-inf", "acc", "area", "half_life", "local_acc"):
         assert math.isnan(out[f"recall/n8/{key}"]) and math.isnan(out[f"copy/n8/{key}"])
 
     prompt = kind == 2
@@ -250,7 +283,9 @@ def test_forgetting_metrics_collection():
     ppl = torch.exp(F.cross_entropy(logits[:, :-1][keep], batch["input_ids"][:, 1:][keep])).item()
     assert out["ppl"] == pytest.approx(ppl, rel=1e-5)
     assert all(isinstance(v, float) for v in out.values())
-    assert len(out) == 7 * 7 + 1  # 6 slices + all, 7 keys each, + ppl
+    # 6 slices + all, each: 8 statistics x 3 buckets + acc, bind_err, not_prompt, ceiling, chance, area,
+    # half_life, local_acc; + ppl
+    assert len(out) == 7 * (8 * 3 + 8) + 1
 
     m.reset()
     m.update(batch, logits)

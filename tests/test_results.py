@@ -35,13 +35,15 @@ def test_keys_round_trip():
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_metrics_write_the_same_key_strings():
     m = ForgettingMetrics([0, 4, 8], tasks=["recall"], n_facts=[2])
-    assert set(m.compute()) == {
-        f"{s}/{k}" for s in ("recall/n2", "all")
-        for k in ("acc@0-4", "acc@4-8", "acc@8-inf", "acc", "area", "half_life", "local_acc")
-    } | {"ppl"}
+    per_bucket = {f"{stat}@{b}" for stat in results.BUCKET_STATS for b in ("0-4", "4-8", "8-inf")}
+    overall = ("acc", "bind_err", "not_prompt", "ceiling", "chance", "area", "half_life", "local_acc")
+    assert set(m.compute()) == {f"{s}/{k}" for s in ("recall/n2", "all") for k in (*per_bucket, *overall)} | {"ppl"}
     curve = ForgettingCurve([0, 4, 8], overflow=False)
     curve.update(torch.ones(1, 2, dtype=torch.bool), torch.tensor([[1, 5]]), torch.full((1, 2), 2))
-    assert list(curve.compute()) == ["acc/0-4", "acc/4-8", "acc", "area", "half_life"]
+    assert list(curve.compute())[:3] == ["acc/0-4", "bind_err/0-4", "not_prompt/0-4"]
+    assert {results.flat_metric(k) for k in curve.compute()} >= {"acc@0-4", "dmax@4-8", "acc", "area"}
+    key = results.parse_key("test/all/bind_err@16-32")
+    assert key.bucket is None and key.bucket_stat == ("bind_err", 16, 32)  # bucket: accuracy only
 
 
 def test_buckets_sort_numerically_with_inf_last():

@@ -21,7 +21,7 @@ from prosg.data.tasks import (
     generate_example,
     make_task,
 )
-from prosg.data.tasks.instruction import ENDINGS, KEYWORDS, NOUNS, OPENERS
+from prosg.data.tasks.instruction import ADJECTIVES, NAMES, NOUNS, PREPS, SHORT, TRIGGERS, VERBS
 from prosg.errors import ConfigError
 
 
@@ -47,9 +47,9 @@ def test_same_seed_and_index_give_the_same_example_and_others_differ():
 
 # Pinned outputs: a change here means old datasets cannot be regenerated; bump GENERATOR_VERSION.
 GOLDEN = {
-    "recall": "16b2dac764f55240a3c498cbb607b9cbee9498e8417c92df9ad5747734b665d4",
-    "copy": "b0d256f3d490489c60602025d71993f3b05055ff085158e25280fba368092a8b",
-    "instruction": "11c0491e100a5751fb584a769510f931f6267bd5261e6bcc71faa629450d5691",
+    "recall": "9983ab8b89e2c59e3dc2b7ae01518ff5c7c2accd6570165fdea7883b616881c1",
+    "copy": "290375009581f24b2512f55e3d8e8ae69c1e98b4a2482934c7580b0235bf3c19",
+    "instruction": "ca819951d7d686903e8edc87fa4d8318c403f64eae6699dbeb6009d496dfffd4",
 }
 
 
@@ -57,12 +57,12 @@ GOLDEN = {
 def test_generator_output_is_pinned(task):
     exs = [gen(task, i) for i in range(5)]
     digest = hashlib.sha256(json.dumps(exs, sort_keys=True).encode()).hexdigest()
-    assert GENERATOR_VERSION == "1"
+    assert GENERATOR_VERSION == "2"
     assert digest == GOLDEN[task.name]
 
 
 @pytest.mark.parametrize(
-    "task", [RecallTask(), RecallTask(response_len=100), CopyTask(seq_len=5, n_repeats=3), InstructionTask(rules=["opener"])],
+    "task", [RecallTask(), RecallTask(response_len=100), CopyTask(seq_len=5, copy_len=5), InstructionTask(n_facts=3)],
     ids=lambda t: t.name,
 )
 def test_examples_follow_the_contract(task):
@@ -78,6 +78,9 @@ def test_examples_follow_the_contract(task):
         for j, (k, d) in enumerate(zip(ex["answer_kind"], ex["distance"])):
             assert k in (0, 1, 2)
             assert d == (j if k == 2 else -1)
+        # the value set: what the prompt answered, not where; every prompt answer is in it
+        assert ex["candidates"] and all(t in ex["candidates"] for t, k in zip(ex["response_ids"], ex["answer_kind"]) if k == 2)
+        assert 0 < ex["chance"] < 1
         assert ex["task"] == task.name and ex["meta"]["index"] == i and ex["meta"]["generator_version"] == GENERATOR_VERSION
 
 
@@ -144,7 +147,7 @@ def test_brute_force_solver_reproduces_every_recall_label(task):
             else:
                 assert (kind, dist, w) == (0, -1, task.other_weight)
         n2 = sum(k == 2 for k in ex["answer_kind"])
-        assert n2 == task.n_queries
+        assert n2 == task.n_prompt_queries
         # kind-2 answers are NOT derivable from the response alone, kind-1 answers are
         alone = solve_recall([BOS, SEP], resp, keys)
         for j, k in enumerate(ex["answer_kind"]):
@@ -155,22 +158,43 @@ def test_brute_force_solver_reproduces_every_recall_label(task):
                 assert alone[j] == (1, -1, resp[j])
 
 
-def test_recall_prompt_queries_cover_every_distance_bucket():
-    task = RecallTask()  # 4 queries over buckets [0,16) [16,32) [32,64) [64,128): one per bucket
+def test_recall_prompt_queries_cover_every_distance_bucket_independently_of_the_fact():
+    task = RecallTask(query_distances=[0, 64])  # one query per example, distance drawn bucket-first
     edges = task.edges
-    assert edges == [0, 16, 32, 64, 128]
-    for i in range(30):
-        d = [x for x, k in zip(gen(task, i)["distance"], gen(task, i)["answer_kind"]) if k == 2]
-        assert sorted(np.searchsorted(edges, d, side="right") - 1) == [0, 1, 2, 3]
-    # more buckets than queries: all buckets still covered over the dataset, none outside the range
+    assert edges == [0, 16, 32, 63]  # ends just past the largest answer distance generated (62)
+    buckets, facts = [], []
+    for i in range(400):
+        ex = gen(task, i)
+        (j,) = [j for j, k in enumerate(ex["answer_kind"]) if k == 2]
+        buckets.append(int(np.searchsorted(edges, ex["distance"][j], side="right")) - 1)
+        keys = ex["prompt_ids"][1:-1:2]
+        facts.append(keys.index(ex["response_ids"][j - 1]))
+    counts = np.bincount(buckets, minlength=3)
+    assert counts.min() > 100  # each bucket ~1/3
+    # which fact is asked (its prompt position) does not depend on the distance bucket
+    table = np.zeros((3, 4))
+    for b, f in zip(buckets, facts):
+        table[b, f] += 1
+    expected = counts[:, None] * np.bincount(facts, minlength=4)[None, :] / len(facts)
+    chi2 = ((table - expected) ** 2 / expected).sum()
+    assert chi2 < 22.5  # 6 degrees of freedom: p ~ 0.001
+    # more queries: all buckets covered over the dataset, none outside the range
     task = RecallTask(response_len=256, n_prompt_queries=2, query_distances=[10, 200])
     hit = set()
     for i in range(60):
         ex = gen(task, i)
         d = [x for x, k in zip(ex["distance"], ex["answer_kind"]) if k == 2]
-        assert all(10 <= x <= 200 for x in d)
+        assert all(10 <= x <= 200 for x in d) and len(d) == 2
         hit |= set(np.searchsorted(task.edges, d, side="right") - 1)
-    assert hit == {0, 1, 2, 3, 4}
+    assert hit == {0, 1, 2, 3, 4}  # edges [0, 16, 32, 64, 128, 201]
+
+
+def test_recall_prompt_values_are_distinct_by_default():
+    for i in range(50):
+        ex = gen(RecallTask(n_facts=8, n_values=8), i)
+        assert sorted(ex["candidates"]) == sorted(set(ex["candidates"])) == ex["prompt_ids"][2:-1:2] or \
+            sorted(ex["candidates"]) == sorted(ex["prompt_ids"][2:-1:2])
+        assert len(set(ex["candidates"])) == 8  # a permutation of all values: the value set says nothing
 
 
 def test_recall_local_keys_fill_the_state():
@@ -186,12 +210,12 @@ def test_scaling_and_overrides_revalidate():
     t = RecallTask(query_distances=[0, 64])
     s = t.scaled(3)
     assert (s.response_len, s.query_distances) == (384, [0, 192])
-    assert s.edges == [0, 16, 32, 64, 128, 256, 384]
-    assert t.with_overrides({"n_repeats": 3}) is t  # knob of another task: ignored here
+    assert s.edges == [0, 16, 32, 64, 128, 192]
+    assert t.with_overrides({"copy_len": 3}) is t  # knob of another task: ignored here
     assert t.with_overrides({"n_facts": 2}).n_facts == 2
     with pytest.raises(ConfigError, match="beyond the response"):
         t.with_overrides({"response_len": 32})
-    assert CopyTask(n_repeats=2).scaled(2.5).n_repeats == 5
+    assert CopyTask(gap_range=[0, 10]).scaled(2.5).gap_range == [0, 25]
     assert InstructionTask(response_len=200).scaled(2).response_len == 400
     assert make_task(t.to_dict()) == t
 
@@ -199,58 +223,43 @@ def test_scaling_and_overrides_revalidate():
 # ---------------------------------------------------------------- copy and instruction
 
 
-def test_copy_layout_and_repetition_index():
-    task = CopyTask(seq_len=5, n_repeats=3, n_symbols=7, sep_weight=0.5)
-    ex = gen(task, 3)
-    seq = ex["prompt_ids"][1:-1]
-    assert ex["prompt_ids"][0] == BOS and ex["prompt_ids"][-1] == SEP and len(seq) == 5
-    assert ex["response_ids"] == (seq + [SEP]) * 3
-    period = ex["meta"]["period"]
-    assert period == 6
-    for j, (k, d, w) in enumerate(zip(ex["answer_kind"], ex["distance"], ex["loss_weight"])):
-        if ex["response_ids"][j] == SEP:
-            assert (k, d, w) == (0, -1, 0.5)
-        else:
-            assert (k, d, w) == (2, j, 1.0)
-            assert ex["response_ids"][j] == seq[d % period]  # the prompt is the source
-    assert sorted({d // period for d in ex["distance"] if d >= 0}) == [0, 1, 2]
+def test_copy_reproduces_part_of_the_prompt_once_after_random_filler():
+    task = CopyTask(seq_len=6, n_symbols=7, copy_len=3, gap_range=[0, 30], sep_weight=0.5)
+    gaps = set()
+    for i in range(40):
+        ex = gen(task, i)
+        seq = ex["prompt_ids"][1:-1]
+        assert ex["prompt_ids"][0] == BOS and ex["prompt_ids"][-1] == SEP and len(seq) == 6
+        resp = ex["response_ids"]
+        gap = resp.index(SEP)
+        gaps.add(gap)
+        assert resp[gap + 1 :] == seq[:3] and SEP not in resp[:gap] and 0 <= gap <= 30
+        assert ex["answer_kind"] == [0] * (gap + 1) + [2] * 3
+        assert ex["distance"][gap + 1 :] == [gap + 1, gap + 2, gap + 3]
+        assert ex["loss_weight"][gap] == 0.5 and ex["candidates"] == seq
+    assert len(gaps) > 10  # the distance varies
 
 
-@pytest.mark.parametrize("rules", [["keyword", "ending"], ["keyword", "ending", "opener"], ["opener"], ["ending"]])
-def test_instruction_responses_obey_the_prompt_and_score_the_rule_bytes(rules):
-    task = InstructionTask(rules=rules, response_len=300)
+def test_instruction_names_one_trigger_once_at_a_controlled_distance():
+    task = InstructionTask(n_facts=3, response_len=300)
     tok = task.tokenizer
-    for i in range(15):
+    vocab = set(ADJECTIVES) | set(NOUNS) | set(VERBS) | set(PREPS) | {"the", "one", "that", "named"}
+    for i in range(25):
         ex = gen(task, i)
         prompt, resp = tok.decode(ex["prompt_ids"]), tok.decode(ex["response_ids"])
-        assert len(ex["response_ids"]) <= 300 and ex["n_facts"] == len(rules)
-        kw = re.search(r"Use the word '(\w+)'", prompt)
-        end = re.search(r"End every sentence with '(.)'", prompt)
-        opener = re.search(r"Start every sentence with '([\w,]+)'", prompt)
-        assert bool(kw) == ("keyword" in rules) and bool(end) == ("ending" in rules) and bool(opener) == ("opener" in rules)
-        sentences = re.findall(r"[^.!?;]+[.!?;]", resp)
-        assert "".join(sentences).replace(" ", "") == resp.replace(" ", "") and sentences
-        expected = np.zeros(len(resp), dtype=int)  # the scored bytes, recomputed from the text
-        pos = 0
-        for s in sentences:
-            start = resp.index(s.strip(), pos)
-            body = s.strip()
-            if kw:
-                assert kw.group(1) in body and kw.group(1) in KEYWORDS
-                for m in re.finditer(re.escape(kw.group(1)), body):
-                    expected[start + m.start() : start + m.end()] = 2
-            if end:
-                assert body.endswith(end.group(1))
-                expected[start + len(body) - 1] = 2
-            if opener:
-                assert body.startswith(opener.group(1) + " ")
-                expected[start : start + len(opener.group(1))] = 2
-            pos = start + len(body)
-        assert ex["answer_kind"] == expected.tolist()
-        assert ex["distance"] == [j if k == 2 else -1 for j, k in enumerate(expected)]
-        if kw is None:  # filler nouns only
-            assert not any(w in resp for w in KEYWORDS)
-        assert not set(KEYWORDS) & set(NOUNS) and all(o.endswith(",") for o in OPENERS) and len(ENDINGS) == 4
+        rules = dict(re.findall(r"the (\w+) is named (\w+)", prompt))
+        assert len(rules) == 3 and set(rules) <= set(TRIGGERS) and set(rules.values()) <= set(NAMES)
+        (d,) = [j for j, k in enumerate(ex["answer_kind"]) if k == 2]
+        assert ex["distance"][d] == d and len(ex["response_ids"]) <= 300
+        m = re.search(r"(\w+) named (\w+)", resp)
+        trigger, name = m.groups()
+        assert m.start(2) == d and rules[trigger] == name  # the scored byte is the first letter of the right name
+        assert resp.count(" named ") == 1 and sum(resp.count(t) for t in TRIGGERS) == 1
+        assert not any(n in resp[:d] for n in NAMES)  # nothing before it says which name
+        words = set(re.findall(r"[a-z]+", resp.replace(name, "").replace(trigger, "").lower()))
+        assert words <= vocab | {w for s in SHORT for w in re.findall(r"[a-z]+", s.lower())}
+        assert ex["candidates"] == [ord(n[0]) for n in rules.values()] and ex["chance"] == 1 / 16
+    assert len({n[0] for n in NAMES}) == len(NAMES)  # first letters decide the name
 
 
 def test_default_bucket_edges():
@@ -278,8 +287,10 @@ def test_default_bucket_edges():
         ({"name": "recall", "n_facts": "4"}, "wrong type"),
         ({"name": "recall", "n_fact": 4}, "unknown knob"),
         ({"name": "copy", "seq_len": 0}, "seq_len"),
-        ({"name": "instruction", "rules": ["rhyme"]}, "unknown rules"),
-        ({"name": "instruction", "response_len": 20}, "raise response_len"),
+        ({"name": "recall", "n_facts": 5, "n_values": 4}, "distinct_values"),
+        ({"name": "copy", "copy_len": 20}, "copy_len"),
+        ({"name": "instruction", "n_facts": 11}, "n_facts"),
+        ({"name": "instruction", "response_len": 60}, "raise response_len"),
         ({"name": "instruction", "n_keywords": 99}, "n_keywords"),
         ({"name": "sorting"}, "unknown"),
     ],

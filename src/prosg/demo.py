@@ -3,8 +3,9 @@ without the SG head, plus the gpt reference, on the ``recall`` task, in minutes 
 
 It is a sweep (``conf/sweep/demo.yaml``: backbone x method x seed) run with the local launcher,
 two single-threaded runs at a time, then collected into ``results.md`` / ``results.csv`` /
-plots by ``prosg.sweep``, plus ``results.json`` (method -> backbone -> distance bucket ->
-accuracy, mean over seeds, with the per-seed values, seeds and run configs). Re-running skips
+plots by ``prosg.sweep``, plus ``results.json`` (backbone/method -> distance bucket -> accuracy,
+binding error, reference lines and distances held, mean and std over seeds with the per-seed values;
+the seeds, what they re-draw, and the run configs). Re-running skips
 finished runs, so an interrupted demo resumes.
 """
 
@@ -24,42 +25,32 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP = REPO / "conf" / "sweep" / "demo.yaml"
 
 
-def bucket_table(rows: list[dict], split: str = "test") -> dict:
-    """method -> backbone -> bucket -> {seeds: {seed: acc}, mean, std} from collected sweep rows."""
-    cells: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        if r["metrics"]:
-            # a run without a method label (the gpt reference) is the plain model
-            method, backbone = r["labels"].get("method", "plain"), r["labels"].get("backbone", "-")
-            cells.setdefault(method, {}).setdefault(backbone, []).append(r)
-    table: dict = {}
-    for method, backbones in cells.items():
-        for backbone, group in backbones.items():
-            cell = table.setdefault(method, {}).setdefault(backbone, {})
-            with_data = dict.fromkeys(k for r in group for k, v in r["metrics"].items() if not math.isnan(v))
-            buckets = {k: (lo, hi) for k, lo, hi in results.bucket_keys(with_data, under=results.prefix(split))}
-            for key in (k for k in with_data if k in buckets):  # in the runs' order, as results.json has them
-                seeds = results.per_seed(group, key)
-                stats = results.mean_std(seeds.values())
-                cell[results.bucket_label(*buckets[key])] = {"seeds": seeds, "mean": stats.mean, "std": stats.band()}
-    return table
+def demo_group(row: dict) -> tuple[str, str]:
+    """(backbone, method) of a demo run; a run without a method label (the gpt reference) is plain."""
+    return row["labels"].get("backbone", "-"), row["labels"].get("method", "plain")
 
 
 def format_table(table: dict) -> str:
-    """The forgetting table as text: one row per (backbone, method), one column per distance bucket."""
-    buckets = results.sort_labels({b for bb in table.values() for cell in bb.values() for b in cell})
-    head = f"{'backbone':8} {'method':10} " + " ".join(f"{'d ' + b:>13}" for b in buckets)
+    """The forgetting table as text: per (backbone, method) and bucket, accuracy % ± std and binding error %."""
+    buckets = results.sort_labels({b for cells in table.values() for b in cells})
+    head = f"{'backbone':8} {'method':10} " + " ".join(f"{'d ' + b:>19}" for b in buckets)
     lines = [head, "-" * len(head)]
-    for backbone in sorted({b for bb in table.values() for b in bb}):
-        for method in sorted(table):
-            cell = table[method].get(backbone)
-            if cell is None:
+    for (backbone, method), cells in sorted(table.items()):
+        vals = []
+        for b in buckets:
+            c = cells.get(b)
+            if c is None or math.isnan(c[results.ACC]["mean"]):
+                vals.append("-")
                 continue
-            vals = []
-            for b in buckets:
-                s = cell.get(b)
-                vals.append(f"{100 * s['mean']:6.1f} ±{100 * s['std']:4.1f}" if s else f"{'-':>13}")
-            lines.append(f"{backbone:8} {method:10} " + " ".join(f"{v:>13}" for v in vals))
+            acc, bind = c[results.ACC], c[results.BIND_ERR]["mean"]
+            vals.append(f"{100 * acc['mean']:5.1f} ±{100 * acc['std']:4.1f} b{100 * bind:4.1f}")
+        lines.append(f"{backbone:8} {method:10} " + " ".join(f"{v:>19}" for v in vals))
+    ref = next(iter(table.values()), {})
+    dist = [results.bucket_range(ref[b]) if b in ref else "-" for b in buckets]
+    lines.append(f"{'distances':19} " + " ".join(f"{d:>19}" for d in dist))
+    refs = [f"{100 * ref[b][results.CHANCE]['mean']:.1f} / {100 * ref[b][results.CEILING]['mean']:.1f}" if b in ref
+            else "-" for b in buckets]
+    lines.append(f"{'chance / ceiling':19} " + " ".join(f"{r:>19}" for r in refs))
     return "\n".join(lines)
 
 
@@ -92,19 +83,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.jobs} at a time, single-threaded each; results in {sweep.out_dir}", file=sys.stderr)
     launch(sweep, runs)
     collected = collect(sweep, runs)
-    table = bucket_table(collected.rows)
-    results = {
+    table = results.forgetting_table(collected.rows, demo_group)
+    summary = {
         "task": "recall",
-        "metric": "prompt-answer accuracy on the test split, by distance (response tokens after the prompt)",
+        "metric": "prompt-answer statistics on the test split, by distance (response tokens after the prompt): "
+                  "acc, bind_err (another prompt fact's value), not_prompt, ceiling (value-set), chance, n, dmin, dmax",
         "seeds": sweep.seeds,
-        "accuracy": table,
+        "seed_keys": sweep.seed_keys,
+        "table": {"/".join(g): cells for g, cells in table.items()},
         "runs": {r["run"]: {"status": r["status"], "config": str(sweep.out_dir / r["run"] / "config.yaml")}
                  for r in collected.rows},
         "sweep": str(Path(args.sweep).resolve()),
     }
     out = sweep.out_dir / "results.json"
-    out.write_text(json.dumps(results, indent=2))
-    print("\nForgetting table (prompt-fact recall accuracy %, mean ± std over seeds, by distance bucket):")
+    out.write_text(json.dumps(summary, indent=2))
+    print("\nForgetting table (prompt-fact accuracy %, mean ± std over seeds; b = binding error %, a wrong answer "
+          "that is another prompt fact's value), by distance bucket:")
     print(format_table(table))
     print(f"\nresults.json: {out}")
     for f in collected.files:

@@ -55,6 +55,7 @@ def generate(
     prompt_ids: Tensor,
     max_new_tokens: int,
     *,
+    forced: Tensor | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -66,7 +67,9 @@ def generate(
     """Continue equal-length prompts (B, P) by up to ``max_new_tokens``; returns the new tokens (B, T).
 
     ``model`` is a backbone (plain decoding) or a method attached to one (its prompt handling and
-    whatever it keeps, e.g. the SG delta, apply to every step). Rows that emit a stop id keep
+    whatever it keeps, e.g. the SG delta, apply to every step). ``forced`` (B, F): tokens fed after
+    the prompt before sampling starts (teacher-forced text that is not part of the prompt: it reaches
+    the model like generated tokens, through the state, with the delta in place). Rows that emit a stop id keep
     emitting it (so the output stays rectangular); decoding ends early once every row has stopped.
     ``on_token`` receives each new column (B,) for streaming.
     """
@@ -82,6 +85,10 @@ def generate(
     out = []
     with method.prefill(prompt_ids) as res:
         logits, state = res.logits, res.state
+        if forced is not None and forced.shape[1]:
+            backbone.check_ids(forced, ndim=2)
+            res = backbone(forced, state)
+            logits, state = res.logits[:, -1], res.state
         for t in range(max_new_tokens):
             for hook in hooks:
                 new = hook(t, logits)

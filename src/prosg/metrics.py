@@ -28,6 +28,8 @@ from torchmetrics import Metric
 from prosg import results
 from prosg.errors import ConfigError, DataError
 
+NO_DISTANCE = 2**62  # the min-distance state of an empty bucket
+
 BATCH_KEYS = ("input_ids", "answer_kind", "distance", "loss_weight", "task", "n_facts")
 
 
@@ -116,34 +118,84 @@ class ForgettingCurve(Metric):
         self.n_buckets = len(self.edges) - 1
         self.register_buffer("_edges", torch.tensor(self.edges, dtype=torch.long), persistent=False)
         # One extra slot for the overflow bucket; it stays zero when overflow=False.
-        self.add_state("hits", torch.zeros(self.n_buckets + 1, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(self.n_buckets + 1, dtype=torch.long), dist_reduce_fx="sum")
+        n = self.n_buckets + 1
+        for name in ("hits", "total", "other", "outside", "with_set", "with_chance"):
+            self.add_state(name, torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        for name in ("ceiling_sum", "chance_sum"):  # float64: sums of many per-answer fractions
+            self.add_state(name, torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("dmin", torch.full((n,), NO_DISTANCE, dtype=torch.long), dist_reduce_fx="min")
+        self.add_state("dmax", torch.full((n,), -1, dtype=torch.long), dist_reduce_fx="max")
 
-    def update(self, correct: Tensor, distance: Tensor, answer_kind: Tensor) -> None:
-        """Count hits/totals per bucket for positions with ``answer_kind == kind``."""
+    def update(self, correct: Tensor, distance: Tensor, answer_kind: Tensor, pred: Tensor | None = None,
+               target: Tensor | None = None, candidates: Tensor | None = None, chance: Tensor | None = None) -> None:
+        """Count positions with ``answer_kind == kind`` per distance bucket.
+
+        With ``pred``/``target`` (B, T) and the per-sample answer set ``candidates`` (B, K, -1 padded)
+        it also counts binding errors (a wrong prediction that is another of the prompt's answers),
+        predictions outside the prompt's answers, and the value-set ceiling (the share of the set equal
+        to the target); ``chance`` (B,) is averaged per bucket as the reference line.
+        """
         _check_same_shape(correct=correct, distance=distance, answer_kind=answer_kind)
         # right=True: index i means edges[i-1] <= d < edges[i]; -1 -> below the first edge.
         bucket = torch.bucketize(distance, self._edges, right=True) - 1
         keep = (answer_kind == self.kind) & (bucket >= 0)
         if not self.overflow:
             keep &= bucket < self.n_buckets
-        bucket = bucket.clamp(min=0).flatten()
+        flat = bucket.clamp(min=0).flatten()
+        kf = keep.flatten()
         # scatter_add with 0/1 weights instead of boolean indexing: no host sync on GPU.
-        self.total.scatter_add_(0, bucket, keep.flatten().long())
-        self.hits.scatter_add_(0, bucket, (keep & correct.bool()).flatten().long())
+        self.total.scatter_add_(0, flat, kf.long())
+        self.hits.scatter_add_(0, flat, (keep & correct.bool()).flatten().long())
+        self.dmin.scatter_reduce_(0, flat, torch.where(kf, distance.flatten(), NO_DISTANCE), "amin")
+        self.dmax.scatter_reduce_(0, flat, torch.where(kf, distance.flatten(), -1), "amax")
+        if chance is not None:
+            ch = chance.to(torch.float64)[:, None].expand_as(distance)
+            ok = keep & torch.isfinite(ch)
+            self.with_chance.scatter_add_(0, flat, ok.flatten().long())
+            self.chance_sum.scatter_add_(0, flat, torch.where(ok, ch, 0.0).flatten())
+        if candidates is None or pred is None or target is None:
+            return
+        valid = candidates >= 0  # (B, K)
+        n_set = valid.sum(1)  # (B,)
+        has_set = keep & (n_set > 0)[:, None]
+        in_set = ((pred[..., None] == candidates[:, None, :]) & valid[:, None, :]).any(-1)  # (B, T)
+        share = ((target[..., None] == candidates[:, None, :]) & valid[:, None, :]).sum(-1)  # (B, T)
+        share = share.to(torch.float64) / n_set.clamp(min=1).to(torch.float64)[:, None]
+        wrong = ~correct.bool()
+        self.with_set.scatter_add_(0, flat, has_set.flatten().long())
+        self.other.scatter_add_(0, flat, (has_set & wrong & in_set).flatten().long())
+        self.outside.scatter_add_(0, flat, (has_set & wrong & ~in_set).flatten().long())
+        self.ceiling_sum.scatter_add_(0, flat, torch.where(has_set, share, 0.0).flatten())
 
-    def _names(self) -> list[str]:
+    def _names(self) -> list[tuple[int, float]]:
         bounds: list[tuple[int, float]] = list(zip(self.edges, self.edges[1:]))
         if self.overflow:
             bounds.append((self.edges[-1], math.inf))
-        return [results.curve_bucket(lo, hi) for lo, hi in bounds]
+        return bounds
 
     def _summary(self) -> dict[str, float]:
-        hits, total = self.hits.tolist(), self.total.tolist()
+        c = {name: getattr(self, name).tolist() for name in (
+            "hits", "total", "other", "outside", "with_set", "with_chance", "ceiling_sum", "chance_sum", "dmin", "dmax")}
+
+        def ratio(num: str, den: str, k: int | slice) -> float:
+            n, d = c[num][k], c[den][k]
+            n, d = (sum(n), sum(d)) if isinstance(k, slice) else (n, d)
+            return n / d if d else math.nan
+
         out: dict[str, float] = {}
-        for k, name in enumerate(self._names()):
-            out[name] = hits[k] / total[k] if total[k] else math.nan
-        out[results.ACC] = sum(hits) / sum(total) if sum(total) else math.nan
+        stats = ((results.ACC, "hits", "total"), (results.BIND_ERR, "other", "with_set"),
+                 (results.NOT_PROMPT, "outside", "with_set"), (results.CEILING, "ceiling_sum", "with_set"),
+                 (results.CHANCE, "chance_sum", "with_chance"))
+        for k, (lo, hi) in enumerate(self._names()):
+            for stat, num, den in stats:
+                out[results.curve_bucket(lo, hi, stat)] = ratio(num, den, k)
+            out[results.curve_bucket(lo, hi, results.COUNT)] = float(c["total"][k])
+            has = c["total"][k] > 0
+            out[results.curve_bucket(lo, hi, results.DMIN)] = float(c["dmin"][k]) if has else math.nan
+            out[results.curve_bucket(lo, hi, results.DMAX)] = float(c["dmax"][k]) if has else math.nan
+        for stat, num, den in stats:
+            out[stat] = ratio(num, den, slice(None))
+        hits, total = c["hits"], c["total"]
         mids = [(lo + hi - 1) / 2 for lo, hi in zip(self.edges, self.edges[1:])]
         points = [(m, hits[k] / total[k]) for k, m in enumerate(mids) if total[k]]
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -152,7 +204,7 @@ class ForgettingCurve(Metric):
         return out
 
     def compute(self) -> dict[str, Tensor]:
-        """Per-bucket accuracy, overall ``acc``, ``area`` and ``half_life`` as scalar tensors."""
+        """Per-bucket statistics, overall ``acc``/binding/references, ``area`` and ``half_life`` as scalars."""
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in self._summary().items()}
 
     def curve(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,8 +322,11 @@ class ForgettingMetrics(nn.Module):
     """Forgetting curves, local-answer accuracy and perplexity per ``{task}/n{n}`` slice.
 
     ``update(batch, logits)`` once per step; ``compute()`` (a DDP collective, call it on every
-    rank) returns a flat ``dict[str, float]``, already synchronised, with per slice
-    ``{task}/n{n}/acc@{lo}-{hi}`` (+ ``acc@{last}-inf``), ``.../acc``, ``.../area``,
+    rank) returns a flat ``dict[str, float]``, already synchronised, with per slice and distance
+    bucket ``{task}/n{n}/<stat>@{lo}-{hi}`` (+ the open ``{last}-inf`` bucket) for stat in acc,
+    bind_err (wrong, but another prompt answer), not_prompt (wrong and none of the prompt's
+    answers), ceiling (value-set ceiling), chance, n, dmin, dmax (distances the bucket holds);
+    ``.../acc``, ``.../bind_err``, ``.../not_prompt``, ``.../ceiling``, ``.../chance``, ``.../area``,
     ``.../half_life`` (prompt answers), ``.../local_acc`` (local answers), the same under
     ``all/`` across slices, and ``ppl`` over response tokens with ``loss_weight > 0`` (keys built by
     ``prosg.results``).
@@ -309,11 +364,14 @@ class ForgettingMetrics(nn.Module):
             raise DataError(f"batch is missing {missing}; ForgettingMetrics needs {list(BATCH_KEYS)}")
         ids, kind, dist = batch["input_ids"], batch["answer_kind"], batch["distance"]
         correct = next_token_correct(logits, ids)
+        pred = torch.full_like(ids, -1)
+        pred[:, 1:] = logits[:, :-1].argmax(dim=-1)  # pred[:, t]: the model's guess for token t
+        extra = dict(pred=pred, target=ids, candidates=batch.get("candidates"), chance=batch.get("chance"))
         rows = torch.tensor(self._row_slices(batch), device=ids.device)  # (B,)
         for s, curve in enumerate(self.curves):
             # Every slice is updated every step (zeroed kinds outside it): no rank skips a state.
-            curve.update(correct, dist, torch.where(rows[:, None] == s, kind, 0))
-        self.curve_all.update(correct, dist, kind)
+            curve.update(correct, dist, torch.where(rows[:, None] == s, kind, 0), **extra)
+        self.curve_all.update(correct, dist, kind, **extra)
         local = kind == 1
         self.local.update(correct, local, rows)
         self.local.update(correct, local, results.ALL)

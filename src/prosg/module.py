@@ -157,20 +157,32 @@ class ProSGModule(L.LightningModule):
                 "answer_kind": batch["answer_kind"], "distance": batch["distance"]}
 
     def _generation_update(self, batch: dict) -> None:
-        """Free-running accuracy for tasks whose whole response follows from the prompt (copy, instruction)."""
-        rows = [i for i, t in enumerate(batch["task"]) if t in ("copy", "instruction")]
+        """Free-running accuracy where a prompt answer spans several tokens (copy, instruction names).
+
+        The prompt is read as the prompt (the method's own way), the response up to the first prompt
+        answer is teacher-forced, and from there the model writes the answers itself (greedy), so
+        each answer token follows the model's own earlier ones; scored like teacher-forced tokens.
+        """
+        kind = batch["answer_kind"]
+        rows = [i for i, t in enumerate(batch["task"]) if t in ("copy", "instruction") and bool((kind[i] == 2).any())]
         if not rows:
             return
-        for plen in sorted({int(batch["prompt_len"][i]) for i in rows}):
-            group = [i for i in rows if int(batch["prompt_len"][i]) == plen]
+        plen = batch["prompt_len"]
+        first = {i: int((kind[i] == 2).nonzero()[0]) for i in rows}  # first prompt answer (absolute position)
+        last = {i: int((kind[i] == 2).nonzero()[-1]) for i in rows}
+        for key in sorted({(int(plen[i]), first[i]) for i in rows}):
+            group = [i for i in rows if (int(plen[i]), first[i]) == key]
+            p, f = key
             ids = batch["input_ids"][group]
-            n_new = int(batch["attention_mask"][group].sum(1).max()) - plen
-            new = generate(self.method, ids[:, :plen], n_new)
+            n_new = max(last[i] for i in group) - f + 1
+            new = generate(self.method, ids[:, :p], n_new, forced=ids[:, p:f])
             # score generated tokens like teacher-forced ones: the "logits" are one-hot picks
-            picks = torch.cat([ids[:, :plen], new], dim=1)
+            picks = torch.cat([ids[:, :f], new], dim=1)
             onehot = F.one_hot(picks, self.backbone.vocab_size).to(torch.float32)
             sub = {k: (v[group] if isinstance(v, Tensor) else [v[i] for i in group]) for k, v in batch.items()}
-            sub = {k: (v[:, : picks.shape[1]] if isinstance(v, Tensor) and v.dim() == 2 else v) for k, v in sub.items()}
+            T = batch["input_ids"].shape[1]  # per-position fields are cut to the generated length
+            sub = {k: (v[:, : picks.shape[1]] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == T else v)
+                   for k, v in sub.items()}
             self.gen_metrics.update(sub, torch.cat([onehot[:, 1:], onehot[:, -1:]], dim=1))
             self._gen_updated = True
 

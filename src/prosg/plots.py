@@ -34,6 +34,13 @@ def bucket_midpoints(keys: Iterable[str], under: str | None = None) -> list[tupl
     return out
 
 
+def _stat_key(acc_key: str, stat: str) -> str:
+    """The key of another statistic of the same bucket (``.../acc@16-32`` -> ``.../chance@16-32``)."""
+    k = results.parse_key(acc_key)
+    lo, hi = k.bucket
+    return results.metric_key(k.split, k.slice, results.bucket_metric(lo, hi, stat))
+
+
 def _mean_band(stats: list[results.Stats]) -> tuple[np.ndarray, np.ndarray]:
     """Means and error-band stds (``Stats.band``: 0 for one value, NaN for none) as arrays."""
     return np.array([s.mean for s in stats], dtype=float), np.array([s.band() for s in stats], dtype=float)
@@ -56,6 +63,12 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
         ok = ~np.isnan(mean)  # empty buckets are NaN: draw only where there is data
         (line,) = ax.plot(xs[ok], mean[ok], marker="o", label=f"{label} (n={len(runs)})")
         ax.fill_between(xs[ok], (mean - std)[ok], (mean + std)[ok], color=line.get_color(), alpha=0.2)
+    all_runs = [m for runs in groups.values() for m in runs]
+    for stat, style, name in ((results.CEILING, "--", "value-set ceiling"), (results.CHANCE, ":", "chance")):
+        ref = np.array([results.mean_std(m.get(_stat_key(k, stat), math.nan) for m in all_runs).mean for k, _ in points])
+        ok = ~np.isnan(ref)
+        if ok.any():  # a reference line from the data: what no memory of the bindings can beat
+            ax.plot(xs[ok], ref[ok], style, color="gray", label=name)
     open_ended = "; the last bucket is open-ended" if results.is_open_bucket(points[-1][0]) else ""
     ax.set_xlabel(f"distance from the prompt (bucket midpoint{open_ended})")
     ax.set_ylabel("prompt-fact accuracy")

@@ -21,12 +21,18 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 ALL = "all"  # the slice over every task and fact count
 ACC, AREA, HALF_LIFE, LOCAL_ACC, PPL, LOSS = "acc", "area", "half_life", "local_acc", "ppl", "loss"
+# what a forgetting curve reports per distance bucket besides accuracy: binding errors (another prompt
+# answer), answers outside the prompt, the reference lines, and the distances the bucket really holds
+BIND_ERR, NOT_PROMPT, CEILING, CHANCE = "bind_err", "not_prompt", "ceiling", "chance"
+COUNT, DMIN, DMAX = "n", "dmin", "dmax"
+BUCKET_STATS = (ACC, BIND_ERR, NOT_PROMPT, CEILING, CHANCE, COUNT, DMIN, DMAX)
 SPLITS = ("test", "val", "train")  # the parts of metrics.json, in the order rows read them
 RUN_COLUMNS = ("wall_s", "global_step")  # per-run numbers of metrics.json besides the split metrics
 SIZE_COLUMNS = {"memory": "memory", "trainable params": "trainable_params"}  # table title -> key in "sizes"
 _BOUNDS = r"(\d+)-(\d+|inf)"
 _BUCKET_RE = re.compile(rf"^{ACC}@{_BOUNDS}$")
-_CURVE_RE = re.compile(rf"^{ACC}/{_BOUNDS}$")
+_STAT_RE = re.compile(rf"^(\w+)@{_BOUNDS}$")
+_CURVE_RE = re.compile(rf"^(\w+)/{_BOUNDS}$")
 _LABEL_RE = re.compile(rf"^{_BOUNDS}$")
 
 V = TypeVar("V")
@@ -44,20 +50,20 @@ def bucket_label(lo: int, hi: float) -> str:
     return f"{lo}-{_bound(hi)}"
 
 
-def bucket_metric(lo: int, hi: float) -> str:
-    """``acc@lo-hi``: the metric name of a distance bucket in a flat key."""
-    return f"{ACC}@{bucket_label(lo, hi)}"
+def bucket_metric(lo: int, hi: float, stat: str = ACC) -> str:
+    """``<stat>@lo-hi`` (default ``acc@lo-hi``): the metric name of a distance bucket in a flat key."""
+    return f"{stat}@{bucket_label(lo, hi)}"
 
 
-def curve_bucket(lo: int, hi: float) -> str:
-    """``acc/lo-hi``: a bucket as ``ForgettingCurve.compute()`` names it."""
-    return f"{ACC}/{bucket_label(lo, hi)}"
+def curve_bucket(lo: int, hi: float, stat: str = ACC) -> str:
+    """``<stat>/lo-hi``: a bucket statistic as ``ForgettingCurve.compute()`` names it."""
+    return f"{stat}/{bucket_label(lo, hi)}"
 
 
 def flat_metric(curve_name: str) -> str:
     """A ``ForgettingCurve`` name -> the metric part of a flat key (``acc/0-4`` -> ``acc@0-4``)."""
     m = _CURVE_RE.match(curve_name)
-    return bucket_metric(int(m[1]), _hi(m[2])) if m else curve_name
+    return bucket_metric(int(m[2]), _hi(m[3]), m[1]) if m and m[1] in BUCKET_STATS else curve_name
 
 
 def slice_name(task: str, n_facts: int) -> str:
@@ -110,9 +116,15 @@ class Key:
 
     @property
     def bucket(self) -> tuple[int, float] | None:
-        """(lo, hi) of a distance-bucket metric, hi = inf for the open bucket; None for other metrics."""
+        """(lo, hi) of a distance-bucket accuracy, hi = inf for the open bucket; None for other metrics."""
         m = _BUCKET_RE.match(self.metric)
         return (int(m[1]), _hi(m[2])) if m else None
+
+    @property
+    def bucket_stat(self) -> tuple[str, int, float] | None:
+        """(stat, lo, hi) of any per-bucket statistic (``bind_err@16-32`` -> ("bind_err", 16, 32)); else None."""
+        m = _STAT_RE.match(self.metric)
+        return (m[1], int(m[2]), _hi(m[3])) if m and m[1] in BUCKET_STATS else None
 
 
 def parse_key(key: str) -> Key | None:
@@ -250,3 +262,71 @@ def format_stats(s: Stats, of: int | None = None) -> str:
     else:
         text = f"{s.mean:.3f}" if math.isnan(s.std) else f"{s.mean:.3f} ± {s.std:.3f}"
     return text if of is None or s.n == of else f"{text} (n={s.n})"
+
+
+# -- the forgetting table: per group and distance bucket, every bucket statistic over seeds ---------
+TABLE_STATS = (ACC, BIND_ERR, NOT_PROMPT, CEILING, CHANCE, COUNT, DMIN, DMAX)
+
+
+def forgetting_table(rows: Sequence[Row], group_of: Any, split: str = "test",
+                     slice_: str = ALL) -> dict[tuple[str, ...], dict[str, dict[str, dict[str, Any]]]]:
+    """group -> bucket label -> stat -> {seeds, mean, std}, over the runs of each group.
+
+    ``group_of(row)`` names a row's group (a tuple of labels). Buckets are those with data under
+    ``<split>/<slice>``, in distance order; stats are ``TABLE_STATS`` (accuracy, binding error, answers
+    outside the prompt, value-set ceiling, chance, answers counted, distances held).
+    """
+    where = prefix(split, slice_)
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for r in rows:
+        if r["metrics"]:
+            groups.setdefault(tuple(group_of(r)), []).append(r)
+    table: dict = {}
+    for g, group in groups.items():
+        cells: dict[str, dict[str, dict[str, Any]]] = {}
+        with_data = {k for r in group for k, v in r["metrics"].items() if not math.isnan(v)}
+        for key, lo, hi in bucket_keys(with_data, under=where):
+            label = bucket_label(lo, hi)
+            for stat in TABLE_STATS:
+                k = metric_key(split, slice_, bucket_metric(lo, hi, stat))
+                seeds = per_seed(group, k)
+                s = mean_std(seeds.values())
+                cells.setdefault(label, {})[stat] = {"seeds": seeds, "mean": s.mean, "std": s.band()}
+        table[g] = {b: cells[b] for b in sort_labels(cells)}
+    return table
+
+
+def bucket_range(cell: dict[str, dict[str, Any]]) -> str:
+    """``lo–hi`` distances a bucket held (over every seed)."""
+    lo = min((v for v in cell[DMIN]["seeds"].values()), default=math.nan)
+    hi = max((v for v in cell[DMAX]["seeds"].values()), default=math.nan)
+    return "–" if math.isnan(lo) else f"{int(lo)}–{int(hi)}"
+
+
+def forgetting_markdown(table: dict, group_names: Sequence[str]) -> str:
+    """The forgetting table as markdown: per group and bucket ``acc ± std`` (%) with the binding error,
+    then the distances each bucket really held, chance and the value-set ceiling (from the data)."""
+    buckets = sort_labels({b for cells in table.values() for b in cells})
+    head = [*group_names, *(f"d {b}" for b in buckets)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    pct = lambda c, s: f"{100 * c[s]['mean']:.1f}"  # noqa: E731
+    for g, cells in table.items():
+        vals = []
+        for b in buckets:
+            c = cells.get(b)
+            if c is None or math.isnan(c[ACC]["mean"]):
+                vals.append("–")
+                continue
+            std = "" if math.isnan(c[ACC]["std"]) else f" ± {100 * c[ACC]['std']:.1f}"
+            bind = "" if math.isnan(c[BIND_ERR]["mean"]) else f" (bind {pct(c, BIND_ERR)})"
+            vals.append(f"{pct(c, ACC)}{std}{bind}")
+        lines.append("| " + " | ".join([*g, *vals]) + " |")
+    ref = next(iter(table.values()), {})
+    pad = [""] * (len(group_names) - 1)
+
+    def row(title: str, fn: Any) -> str:
+        return "| " + " | ".join([title, *pad, *(fn(ref[b]) if b in ref else "–" for b in buckets)]) + " |"
+
+    lines.append(row("*distances*", bucket_range))
+    lines.append(row("*chance / value-set ceiling*", lambda c: f"{pct(c, CHANCE)} / {pct(c, CEILING)}"))
+    return "\n".join(lines)

@@ -140,6 +140,24 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from prosg.data.audit import audit, format_audit
+
+    dm = load_datamodule(args.config)
+    if args.split not in dm.split_names():
+        raise ConfigError(f"split {args.split!r} is empty or missing (have {dm.split_names()}); pick another --split")
+    ds = dm.dataset(args.split)
+    n = min(args.n, len(ds))
+    flagged = 0
+    for task_id, task in enumerate(dm.split_tasks[args.split]):
+        examples = [ex for ex in (ds[i] for i in range(n)) if ex["meta"]["task_id"] == task_id]
+        buckets = audit(examples, task, dm.bucket_edges)
+        flagged += sum(bool(b.shortcuts()) for b in buckets)
+        print(f"== {task.name} ({args.split}, {len(examples)} examples): shortcut solvers per distance bucket")
+        print(format_audit(buckets))
+    return 1 if flagged else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``prosg data`` argument parser."""
     p = argparse.ArgumentParser(prog="prosg data", description="Build or inspect prompt-forgetting datasets.")
@@ -159,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start", type=int, default=0, help="index of the first example")
     s.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="ANSI colour for answers")
     s.set_defaults(fn=_cmd_show)
+    a = sub.add_parser("audit", help="score shortcut solvers (value set, elimination, copying, ...) per distance bucket")
+    a.add_argument("--config", required=True, help="a constructed-task DataModule YAML, e.g. conf/data/recall.yaml")
+    a.add_argument("--split", default="test", choices=["train", "val", "test"])
+    a.add_argument("-n", type=int, default=2000, help="examples to audit")
+    a.set_defaults(fn=_cmd_audit)
     return p
 
 

@@ -4,7 +4,10 @@ Collated batch (prompt + response concatenated, right-padded):
     input_ids (B, T) long, prompt_len (B,) long, attention_mask (B, T) bool,
     answer_kind (B, T) long, distance (B, T) long, loss_weight (B, T) float  (aligned with input_ids;
     prompt and padding positions: kind 0, distance -1, weight 0; position t's label is
-    input_ids[:, t], predicted from logits at t-1), task list[str], n_facts (B,) long, index (B,) long.
+    input_ids[:, t], predicted from logits at t-1), task list[str], n_facts (B,) long, index (B,) long,
+    candidates (B, K) long: the prompt's answer set (the ids a model that remembers *which* answers the
+    prompt held, but not where each belongs, would choose among; -1 padding, all -1 when the data has
+    none), chance (B,) float: the accuracy of a uniform guess over the task's answers (NaN if unknown).
 
 The per-example fields are described in ``prosg.data.tasks``.
 """
@@ -33,7 +36,13 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of:
     loss_weight = torch.zeros((b, t_max), dtype=torch.float32)
     attention_mask = torch.zeros((b, t_max), dtype=torch.bool)
     prompt_len = torch.empty(b, dtype=torch.long)
+    n_cand = max(1, max(len(ex.get("candidates", ())) for ex in examples))
+    candidates = torch.full((b, n_cand), -1, dtype=torch.long)
+    chance = torch.tensor([float(ex.get("chance", math.nan)) for ex in examples], dtype=torch.float32)
     for i, ex in enumerate(examples):
+        cand = ex.get("candidates", ())
+        if cand:
+            candidates[i, : len(cand)] = torch.tensor(cand, dtype=torch.long)
         p, r = len(ex["prompt_ids"]), len(ex["response_ids"])
         input_ids[i, : p + r] = torch.tensor(ex["prompt_ids"] + ex["response_ids"], dtype=torch.long)
         answer_kind[i, p : p + r] = torch.tensor(ex["answer_kind"], dtype=torch.long)
@@ -51,6 +60,8 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of:
         "task": [ex["task"] for ex in examples],
         "n_facts": torch.tensor([int(ex["n_facts"]) for ex in examples], dtype=torch.long),
         "index": torch.tensor([int(ex["meta"]["index"]) for ex in examples], dtype=torch.long),
+        "candidates": candidates,
+        "chance": chance,
     }
 
 

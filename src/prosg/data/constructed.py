@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prosg.data.loaders import SPLITS, BaseDataModule, ConstructedDataset
-from prosg.data.tasks import GENERATOR_VERSION, Task, check_bucket_edges, default_bucket_edges, make_task
+from prosg.data.tasks import GENERATOR_VERSION, Task, check_bucket_edges, make_task
 from prosg.errors import ConfigError
 
 
@@ -79,17 +79,23 @@ class ConstructedDataModule(BaseDataModule):
         self.tasks: list[str] = list(dict.fromkeys(t.name for t in train_tasks))
         self.max_len: int = max(t.max_prompt_len + t.max_response_len for t in all_tasks)
         self.bucket_edges: list[int] = (
-            check_bucket_edges(bucket_edges) if bucket_edges is not None else self._default_edges(all_tasks)
+            check_bucket_edges(bucket_edges) if bucket_edges is not None else self._default_edges()
         )
         self._datasets: dict[str, ConstructedDataset] = {}
 
-    @staticmethod
-    def _default_edges(tasks: list[Task]) -> list[int]:
-        """Union of the tasks' explicit ``bucket_edges`` if any set them, else doubling up to the longest response."""
-        explicit = [t.bucket_edges for t in tasks if getattr(t, "bucket_edges", None) is not None]
-        if explicit:
-            return sorted({e for edges in explicit for e in edges})
-        return default_bucket_edges(max(t.max_response_len for t in tasks))
+    def _default_edges(self) -> list[int]:
+        """Each task's explicit ``bucket_edges`` (union), else doubling edges up to the longest distance
+        generated, with each training task's longest distance + 1 as an edge (it replaces a doubling
+        edge within 25 % of it), so the buckets past it hold only distances training never asked."""
+        tasks = [t for ts in self.split_tasks.values() for t in ts]
+        if any(getattr(t, "bucket_edges", None) is not None for t in tasks):
+            return sorted({e for t in tasks for e in t.edges})
+        edges = sorted({e for t in tasks for e in t.edges})
+        top = edges[-1]
+        for b in sorted({t.edges[-1] for t in self.split_tasks["train"]}):
+            if b < top:
+                edges = [e for e in edges if e in (0, top) or max(e, b) / min(e, b) >= 1.25] + [b]
+        return sorted(set(edges))
 
     @staticmethod
     def _eval_tasks(tasks: list[Task], scale: float, overrides: dict, knob: str) -> list[Task]:

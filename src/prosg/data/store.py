@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -61,11 +62,14 @@ def _write_parquet(examples: Iterable[dict[str, Any]], path: Path) -> int:
     rows = list(examples)
     fields = ("prompt_ids", "response_ids", "answer_kind", "distance", "loss_weight", "task", "n_facts")
     cols = {k: [ex[k] for ex in rows] for k in fields}
+    cols["candidates"] = [ex.get("candidates", []) for ex in rows]
+    cols["chance"] = [ex.get("chance", math.nan) for ex in rows]
     cols["meta"] = [json.dumps(ex.get("meta", {}), sort_keys=True) for ex in rows]  # heterogeneous dicts -> JSON text
     schema = pa.schema([
         ("prompt_ids", pa.list_(pa.int64())), ("response_ids", pa.list_(pa.int64())),
         ("answer_kind", pa.list_(pa.int64())), ("distance", pa.list_(pa.int64())),
-        ("loss_weight", pa.list_(pa.float64())), ("task", pa.string()), ("n_facts", pa.int64()), ("meta", pa.string()),
+        ("loss_weight", pa.list_(pa.float64())), ("task", pa.string()), ("n_facts", pa.int64()),
+        ("candidates", pa.list_(pa.int64())), ("chance", pa.float64()), ("meta", pa.string()),
     ])
     pq.write_table(pa.table(cols, schema=schema), path)
     return len(rows)

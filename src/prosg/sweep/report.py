@@ -3,7 +3,8 @@
 ``--collect`` (also run at the end of every sweep) writes into ``out_dir``: ``results.csv`` (one row
 per run: run, status, seed, the axes, then every metric, ``memory`` and ``trainable_params``),
 ``results.md`` (one row per grid cell: mean ± std over seeds of the headline metrics, then the
-memory and trainable parameters) and PNG plots: ``forgetting.png`` (accuracy by distance from the
+memory and trainable parameters; then the forgetting table: accuracy and binding error per distance
+bucket, with the distances each bucket held, chance and the value-set ceiling) and PNG plots: ``forgetting.png`` (accuracy by distance from the
 prompt), ``acc_vs_rank.png`` (against a numeric ``rank`` axis) and ``acc_vs_memory.png`` (against the
 numbers a sample's memory holds, state + method, drawn when runs differ in it).
 """
@@ -76,6 +77,13 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
     if plots and done:
         files += _plots(sweep, done, headline.get("acc"), out, notes)
     md = _markdown(sweep, axis_names, summary, headline, columns, rows, problems, notes)
+    if done:
+        split = results.parse_key(headline["acc"]).split if "acc" in headline else "test"
+        table = results.forgetting_table(done, lambda r: [r["labels"].get(a, "–") for a in axis_names], split)
+        md += (f"\n## Forgetting by distance ({split}, all tasks)\n\nPrompt-answer accuracy % (mean ± std over "
+               "seeds) and binding error % (a wrong answer that is another prompt fact's); the last rows give the "
+               "distances each bucket held and the reference lines computed from the data.\n\n"
+               + results.forgetting_markdown(table, axis_names or ["run"]) + "\n")
     md_path = out / "results.md"
     md_path.write_text(md)
     files.insert(1, md_path)

@@ -6,8 +6,8 @@ Sweep file (YAML; omegaconf ``${...}`` interpolation works inside it)::
     experiment: ../experiment/plain.yaml   # base experiment, relative to this file
     out_dir: runs/sweeps/recall_methods          # relative to the working directory, like trainer.default_root_dir
     seeds: [0, 1, 2]                             # every grid cell runs once per seed (default [0])
-    seed_keys: [seed_everything]                 # what a seed sets (default); add data.init_args.seed to also
-                                                 # re-draw the constructed dataset and its shuffle
+    seed_keys: [seed_everything, data.init_args.seed]  # what a seed sets (the default: initialisation AND
+                                                 # the constructed data + shuffle; [seed_everything] for JSONL data)
     overrides:                                   # applied to every run
       trainer.max_steps: 2000
     axes:                                        # cartesian product, in this order
@@ -48,6 +48,9 @@ from typing import Any
 from prosg.errors import ConfigError
 from prosg.sweep.launchers import check_launcher
 
+# A seed re-draws the initialisation AND the data (train, val and test examples, shuffle); a sweep on
+# data without a seed (JSONL) sets seed_keys: [seed_everything].
+DEFAULT_SEED_KEYS = ("seed_everything", "data.init_args.seed")
 SWEEP_KEYS = ("name", "experiment", "out_dir", "seeds", "seed_keys", "overrides", "axes", "launcher")
 LABEL_RE = re.compile(r"^[A-Za-z0-9._+=-]+$")
 
@@ -224,7 +227,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{path}: seeds must be a non-empty list of ints, e.g. [0, 1, 2]; got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds {seeds} has duplicates")
-    seed_keys = raw.get("seed_keys", ["seed_everything"])
+    seed_keys = raw.get("seed_keys", list(DEFAULT_SEED_KEYS))
     if not isinstance(seed_keys, list) or not all(isinstance(k, str) for k in seed_keys):
         raise ConfigError(f"{path}: seed_keys must be a list of argument names, e.g. [seed_everything, data.init_args.seed]")
     axes_raw = raw.get("axes") or {}

@@ -17,7 +17,7 @@ from prosg.data.tokenizers import ByteTokenizer, Tokenizer
 from prosg.errors import ConfigError
 
 # Bump when any generator's output for a given (config, seed, split, index) changes.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: one controlled prompt query per example, distinct prompt values, value sets
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
@@ -36,13 +36,16 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLIT_IDS[split], int(index)])
 
 
-def default_bucket_edges(response_len: int, first: int = 16) -> list[int]:
-    """Doubling distance edges [0, 16, 32, 64, ...] clipped so the last edge is ``response_len``."""
+def default_bucket_edges(end: int, first: int = 16) -> list[int]:
+    """Doubling distance edges [0, 16, 32, 64, ...] up to ``end``; a doubling edge within 25 % of
+    ``end`` is dropped, so the last bucket is never a sliver."""
     edges, e = [0], first
-    while e < response_len:
+    while e < end:
         edges.append(e)
         e *= 2
-    edges.append(max(response_len, 1))
+    if len(edges) > 1 and end / edges[-1] < 1.25:
+        edges.pop()
+    edges.append(max(end, 1))
     return edges
 
 
@@ -94,10 +97,20 @@ class Task:
         raise NotImplementedError
 
     @property
+    def max_distance(self) -> int:
+        """The largest distance a scored prompt answer can have (edges end just past it)."""
+        return self.max_response_len - 1
+
+    @property
     def edges(self) -> list[int]:
-        """This task's distance bucket edges (explicit ``bucket_edges`` or the doubling default)."""
+        """Distance bucket edges: explicit ``bucket_edges``, or doubling up to the distances generated."""
         explicit = getattr(self, "bucket_edges", None)
-        return list(explicit) if explicit is not None else default_bucket_edges(self.max_response_len)
+        return list(explicit) if explicit is not None else default_bucket_edges(self.max_distance + 1)
+
+    def shortcut_baselines(self, answer_index: int) -> dict[str, float]:
+        """Expected accuracy of each shortcut solver (``prosg.data.audit``) on the ``answer_index``-th
+        prompt answer of an example, if nothing but the prompt decides it (the analytic baseline)."""
+        raise NotImplementedError
 
     def scaled(self, scale: float) -> "Task":
         """The same task with its response (and query distances) ``scale`` times longer."""
@@ -117,7 +130,7 @@ class Task:
         return dataclasses.replace(self, **mine) if mine else self
 
     def _finish(self, prompt: list[int], response: list[int], kind: list[int], dist: list[int],
-                weight: list[float], n_facts: int) -> dict[str, Any]:
+                weight: list[float], n_facts: int, candidates: list[int], chance: float) -> dict[str, Any]:
         return {
             "prompt_ids": [int(t) for t in prompt],
             "response_ids": [int(t) for t in response],
@@ -126,7 +139,22 @@ class Task:
             "loss_weight": [float(w) for w in weight],
             "task": self.name,
             "n_facts": int(n_facts),
+            "candidates": [int(c) for c in candidates],
+            "chance": float(chance),
         }
+
+
+def draw_distance(rng: np.random.Generator, allowed: list[int], edges: list[int]) -> int:
+    """One of ``allowed`` distances: a distance bucket uniformly, then a distance in it uniformly.
+
+    So every bucket is equally covered and nothing about the example (which fact, which query)
+    correlates with the distance; distances past the last edge form one more bucket.
+    """
+    groups: dict[int, list[int]] = {}
+    for d in allowed:
+        groups.setdefault(int(np.searchsorted(edges, d, side="right")) - 1, []).append(d)
+    bucket = sorted(groups)[int(rng.integers(len(groups)))]
+    return int(groups[bucket][int(rng.integers(len(groups[bucket])))])
 
 
 def synthetic_token_strs(ids: list[int], groups: list[tuple[str, int, int]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Multi-query associative recall with interference (``name: recall``)."""
+"""Associative recall with interference, asked so that only the prompt can answer (``name: recall``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from prosg.data.tasks.base import (
     SEP,
     SET,
     Task,
+    draw_distance,
     check_bucket_edges,
     register_task,
     require,
@@ -25,25 +26,25 @@ from prosg.data.tasks.base import (
 @register_task
 @dataclass
 class RecallTask(Task):
-    """Multi-query associative recall with interference (MQAR over a fill-the-state response).
+    """Associative recall of prompt facts across a response that fills the state (MQAR with interference).
 
-    Prompt: ``<bos> k v k v ... <sep>`` with ``n_facts`` distinct keys. Response: ``response_len // 3``
-    three-token slots (plus a truncated tail when ``response_len % 3``), each one of
-      - ``<set> k v``: a *local* fact (weight ``other_weight``, kind 0). Local keys come from the same
-        key vocabulary but are disjoint from this example's prompt keys; each key (prompt or local)
-        has exactly ONE value per example, so every query has exactly one correct answer in what
-        precedes it. ``<set>`` slots introduce the local keys one by one (random order) and, once all
-        are set, re-state random ones (same value);
-      - ``<ask> k v`` with k a local key already set in the response: local answer (kind 1);
-      - ``<ask> k v`` with k a prompt key: prompt answer (kind 2), distance = index of ``v`` in the
-        response. Each prompt key is asked at most once, so a prompt answer can never be read off
-        the response.
-    Prompt queries land on slots stratified over the distance buckets inside ``query_distances``
-    (inclusive [min, max]; default the whole response), so every bucket is covered. Answer
-    distances are ``3j + 2`` for slot j; ``n_prompt_queries`` defaults to ``n_facts`` (each fact asked
-    once). Interference grows with ``n_local_keys`` (default: every key not in the prompt) and
-    ``local_query_rate`` (fraction of non-prompt slots that are local queries). Chance accuracy on
-    an answer is ``1 / n_values``.
+    Prompt: ``<bos> k v k v ... <sep>`` with ``n_facts`` distinct keys and, by default, distinct values
+    (``distinct_values``). Response: ``response_len // 3`` three-token slots (plus a truncated tail),
+    each one of
+      - ``<set> k v``: a *local* fact (kind 0, weight ``other_weight``). Local keys are disjoint from the
+        prompt's keys; every key has ONE value per example, so each query has one correct answer;
+        ``<set>`` slots introduce the local keys one by one, then re-state random ones;
+      - ``<ask> k v``, k a local key already set: local answer (kind 1);
+      - ``<ask> k v``, k a prompt key: prompt answer (kind 2), distance = index of ``v`` in the response.
+
+    What makes a prompt answer measure memory of the prompt and nothing else (``prosg data audit``
+    checks it on generated data): ``n_prompt_queries`` prompt facts are asked (default 1), chosen at
+    random, each at most once (nothing to copy from the response), at a distance drawn bucket-first
+    inside ``query_distances`` (independent of which fact is asked); local values are drawn
+    independently of the prompt's. With distinct prompt values a model that remembers which values
+    the prompt held but not their keys scores 1 / n_facts (the value-set ceiling, ``candidates``);
+    chance is 1 / n_values. More than one prompt query per example lets later answers be narrowed by
+    elimination from earlier ones (the audit flags it): only for analysis.
     """
 
     name: ClassVar[str] = "recall"
@@ -52,8 +53,9 @@ class RecallTask(Task):
     n_keys: int = 16
     n_values: int = 16
     response_len: int = 128
-    n_prompt_queries: int | None = None
+    n_prompt_queries: int = 1
     query_distances: list[int] | None = None
+    distinct_values: bool = True
     local_query_rate: float = 0.5
     n_local_keys: int | None = None
     prompt_answer_weight: float = 1.0
@@ -69,6 +71,11 @@ class RecallTask(Task):
             f"recall: n_facts={self.n_facts} needs n_keys > n_facts (got n_keys={self.n_keys}): prompt keys are "
             "distinct and at least one key must be left for local facts; raise n_keys or lower n_facts",
         )
+        require(
+            not self.distinct_values or self.n_facts <= self.n_values,
+            f"recall: distinct_values needs n_values >= n_facts (got {self.n_values} < {self.n_facts}); raise "
+            "n_values or set distinct_values: false",
+        )
         n_local = self.local_keys
         require(
             1 <= n_local <= self.n_keys - self.n_facts,
@@ -80,7 +87,7 @@ class RecallTask(Task):
             0.0 <= self.local_query_rate <= 1.0, f"recall: local_query_rate={self.local_query_rate} must be in [0, 1]"
         )
         require(
-            0 <= self.n_queries <= self.n_facts,
+            0 <= self.n_prompt_queries <= self.n_facts,
             f"recall: n_prompt_queries={self.n_prompt_queries} must be in [0, n_facts={self.n_facts}]: "
             "each prompt key is asked at most once so its answer cannot be copied from the response",
         )
@@ -100,20 +107,15 @@ class RecallTask(Task):
             self.query_distances = qd
         if self.bucket_edges is not None:
             self.bucket_edges = check_bucket_edges(self.bucket_edges, "recall: bucket_edges")
-        self._strata = self._slot_strata()
-        n_eligible = sum(len(g) for g in self._strata)
+        n_eligible = len(self._answer_distances())
         require(
-            n_eligible >= self.n_queries,
+            n_eligible >= self.n_prompt_queries,
             f"recall: only {n_eligible} answer positions (distances 3j+2) fall in query_distances="
             f"{self.distance_range}, fewer than n_prompt_queries={self.n_prompt_queries}; widen query_distances",
         )
 
     # Knobs left at None resolve here rather than in __post_init__, so dataclasses.replace (overrides,
     # scaling) re-derives them from the new values instead of carrying stale ones.
-    @property
-    def n_queries(self) -> int:
-        return self.n_facts if self.n_prompt_queries is None else self.n_prompt_queries
-
     @property
     def local_keys(self) -> int:
         return self.n_keys - self.n_facts if self.n_local_keys is None else self.n_local_keys
@@ -146,51 +148,41 @@ class RecallTask(Task):
     def distance_range(self) -> list[int]:
         return list(self.query_distances) if self.query_distances is not None else [0, self.response_len - 1]
 
-    def _eligible_slots(self) -> list[int]:
-        lo, hi = self.distance_range
-        return [j for j in range(self.response_len // 3) if lo <= 3 * j + 2 <= hi]
+    @property
+    def max_distance(self) -> int:
+        return max(self._answer_distances(), default=0)
 
-    def _slot_strata(self) -> list[list[int]]:
-        """Eligible slots grouped by distance bucket; distances past the last edge form one more group."""
-        edges = self.edges
-        groups: dict[int, list[int]] = {}
-        for j in self._eligible_slots():
-            d = 3 * j + 2
-            b = int(np.searchsorted(edges, d, side="right")) - 1
-            groups.setdefault(b, []).append(j)
-        return [groups[b] for b in sorted(groups)]
+    def _answer_distances(self) -> list[int]:
+        """Distances 3j+2 of the slots a prompt query may take (inside ``query_distances``)."""
+        lo, hi = self.distance_range
+        return [3 * j + 2 for j in range(self.response_len // 3) if lo <= 3 * j + 2 <= hi]
 
     def _prompt_query_slots(self, rng: np.random.Generator) -> list[int]:
-        """n_prompt_queries distinct slots, spread so each bucket gets an equal share (random remainder)."""
-        strata = self._strata
-        q, g = self.n_queries, len(strata)
-        if q == 0:
-            return []
-        counts = [q // g] * g
-        for b in rng.permutation(g)[: q % g]:
-            counts[int(b)] += 1
-        # A bucket narrower than its share passes the excess on to buckets with room.
-        spill = 0
-        for b in range(g):
-            if counts[b] > len(strata[b]):
-                spill += counts[b] - len(strata[b])
-                counts[b] = len(strata[b])
-        for b in rng.permutation(g):
-            take = min(spill, len(strata[int(b)]) - counts[int(b)])
-            counts[int(b)] += take
-            spill -= take
-        slots: list[int] = []
-        for b in range(g):
-            if counts[b]:
-                slots.extend(int(strata[b][i]) for i in rng.permutation(len(strata[b]))[: counts[b]])
+        """``n_prompt_queries`` distinct slots, each drawn bucket-first among the slots still free."""
+        allowed, slots = self._answer_distances(), []
+        for _ in range(self.n_prompt_queries):
+            d = draw_distance(rng, allowed, self.edges)
+            allowed.remove(d)
+            slots.append((d - 2) // 3)
         return sorted(slots)
+
+    def shortcut_baselines(self, answer_index: int) -> dict[str, float]:
+        n, chance = self.n_facts, 1.0 / self.n_values
+        # another prompt fact shares the asked value with probability 0 (distinct) or 1/n_values (iid)
+        p_same = 0.0 if self.distinct_values else chance
+        value_set = (1 + (n - 1) * p_same) / n
+        return {"chance": chance, "value_set": value_set, "elimination": value_set, "last_prompt_value": value_set,
+                "most_frequent": chance, "copy_response": chance}
 
     def generate(self, rng: np.random.Generator) -> dict[str, Any]:
         perm = rng.permutation(self.n_keys)
         prompt_keys = perm[: self.n_facts]
         local_keys = perm[self.n_facts : self.n_facts + self.local_keys]
-        values = rng.integers(0, self.n_values, size=self.n_facts + self.local_keys)
-        prompt_vals, local_vals = values[: self.n_facts], values[self.n_facts :]
+        if self.distinct_values:
+            prompt_vals = rng.permutation(self.n_values)[: self.n_facts]
+        else:
+            prompt_vals = rng.integers(0, self.n_values, size=self.n_facts)
+        local_vals = rng.integers(0, self.n_values, size=self.local_keys)  # independent of the prompt's
         kb, vb = self.key_base, self.value_base
 
         prompt = [BOS]
@@ -239,7 +231,9 @@ class RecallTask(Task):
                 dist += [-1, -1, -1]
                 weight += [ow, ow, ow]
         r = self.response_len  # the tail slot (response_len % 3 tokens) is a truncated <set>
-        return self._finish(prompt, resp[:r], kind[:r], dist[:r], weight[:r], self.slice_n)
+        candidates = [vb + int(v) for v in prompt_vals]
+        return self._finish(prompt, resp[:r], kind[:r], dist[:r], weight[:r], self.slice_n, candidates,
+                            1.0 / self.n_values)
 
     def scaled(self, scale: float) -> "RecallTask":
         if scale == 1:
