@@ -40,3 +40,13 @@ def test_bucket_table_means_over_seeds():
     assert table["plain"]["gpt"]["0-16"]["mean"] == 1.0  # no method label: the plain reference
     text = format_table(table)
     assert "mamba    sg" in text and "60.0 ±14.1" in text and "d 16-32" in text
+
+
+def test_bucket_order_is_numeric_in_results_json_and_the_table():
+    # metrics.json sorts keys as text: acc@128-256 comes before acc@16-32 there
+    metrics = {f"test/all/acc@{b}": 0.5 for b in ("0-16", "128-256", "16-32", "256-inf", "32-64")}
+    table = bucket_table([{"labels": {"backbone": "mamba", "method": "plain"}, "seed": 0, "metrics": metrics}])
+    order = ["0-16", "16-32", "32-64", "128-256", "256-inf"]
+    assert list(table["plain"]["mamba"]) == order
+    header = format_table(table).splitlines()[0]
+    assert [header.index(f"d {b}") for b in order] == sorted(header.index(f"d {b}") for b in order)
