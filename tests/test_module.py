@@ -75,8 +75,8 @@ def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     assert "val/recall/n4/acc" in metrics and "val/all/area" in metrics
     assert 0.0 <= float(metrics["val/recall/n4/acc"]) <= 1.0
     capsys.readouterr()
-    assert main(["generate", "--ckpt", ckpt, "--prompt-ids", "1 5 21 6 22 2", "--max-new-tokens", "5"]) == 0
-    tokens = capsys.readouterr().out.split()
+    assert main(["generate", "--ckpt", ckpt, "--prompt-ids", "1 5 21 6 22 2", "--max-new-tokens", "5", "--ids", "true"]) == 0
+    tokens = capsys.readouterr().out.split()  # --ids: token ids (by default the data's token names)
     assert len(tokens) == 5 and all(t.isdigit() for t in tokens)
 
 
