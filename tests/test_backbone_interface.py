@@ -159,6 +159,29 @@ def test_native_checkpoint_shape_mismatch(tmp_path):
 
 def test_corrupt_weight_file(tmp_path):
     build("gpt", vocab_size=V, d_model=32, n_layer=1, n_head=4).save_pretrained(str(tmp_path))
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file at all")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError, match="(?s)could not read weights.*corrupt"):
         from_pretrained(tmp_path)
+
+
+def test_native_saves_safetensors_and_still_reads_bin(tmp_path):
+    model = build("gpt", vocab_size=V, d_model=32, n_layer=1, n_head=4).eval()
+    model.save_pretrained(str(tmp_path / "new"))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["config.json", "model.safetensors"]
+    # the layout earlier ProSG versions wrote: config.json + a torch.save'd pytorch_model.bin
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, old / "pytorch_model.bin")
+    ids = torch.randint(0, V, (2, 5))
+    with torch.no_grad():
+        for d in ("new", "old"):
+            torch.testing.assert_close(from_pretrained(tmp_path / d).eval()(ids).logits, model(ids).logits)
+
+
+def test_invalid_config_json_is_reported_as_such(tmp_path):
+    build("gpt", vocab_size=V, d_model=32, n_layer=1, n_head=4).save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"prosg_family": "gpt",\n')
+    with pytest.raises(CheckpointError, match=r"config.json' is not valid JSON \(.* at line 2, column 1\)") as e:
+        from_pretrained(tmp_path)
+    assert "no recognisable checkpoint" not in str(e.value) and "\n" not in str(e.value)

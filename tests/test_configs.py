@@ -1,12 +1,14 @@
 """Every YAML under conf/ is parsed and instantiated (and the experiments take a training step)."""
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import lightning as L
 import pytest
 import yaml
 from jsonargparse import ArgumentParser
+from lightning.pytorch.loggers import Logger
 
 from prosg.backbones.base import Backbone
 from prosg.methods import Method
@@ -26,9 +28,17 @@ def instantiate(path: Path, base: type):
     return parser.instantiate_classes(cfg).obj
 
 
+# where each conf/ group's YAMLs are parsed and instantiated: this file, test_datamodule.py (data), test_sweep.py (sweep)
+TESTED_GROUPS = {"model", "method", "data", "trainer", "experiment", "sweep", "logger"}
+
+
 def test_conf_tree_is_complete():
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert {"model", "method", "data", "trainer", "experiment", "sweep"} <= groups
+    assert {"model", "method", "data", "trainer", "experiment", "sweep", "logger"} <= groups
+    # every YAML in conf/ belongs to a group whose files the tests instantiate (data/examples holds JSONL only)
+    untested = [str(p.relative_to(CONF)) for p in CONF.rglob("*.y*ml") if p.relative_to(CONF).parts[0] not in TESTED_GROUPS
+                or len(p.relative_to(CONF).parts) != 2]
+    assert untested == []
     # one experiment per method; the backbone is one more argument (a model YAML)
     assert {p.stem for p in EXPERIMENTS} >= {"plain", "sg", "oracle", "jrt", "soft_prompt"}
     assert {p.stem for p in MODELS} >= {"mamba", "rwkv7", "rwkv4", "gpt"}
@@ -65,6 +75,20 @@ def test_method_yaml(path):
 
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("trainer/*.yaml")), ids=lambda p: p.stem)
+def test_trainer_checkpoints_monitor_validation_accuracy(path):
+    """A trainer that keeps checkpoints keeps the last one and the best by val/all/acc (higher is better)."""
+    cfg = yaml.safe_load(path.read_text())
+    checkpoints = [c["init_args"] for c in cfg.get("callbacks") or [] if c["class_path"].endswith("ModelCheckpoint")]
+    if path.stem == "debug":
+        return  # a few steps for tests: Lightning's default checkpointing
+    assert len(checkpoints) == 1
+    ck = checkpoints[0]
+    assert ck["monitor"] == "val/all/acc" and ck["mode"] == "max" and ck["save_last"] is True and ck["save_top_k"] >= 1
+    assert "every_n_train_steps" not in ck  # saved after each validation, when the monitored metric is fresh
+    assert "/" not in ck.get("filename", "")  # a metric name in the file name would make directories
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("trainer/*.yaml")), ids=lambda p: p.stem)
 def test_trainer_yaml(path, tmp_path):
     cfg = yaml.safe_load(path.read_text())
     cfg["accelerator"] = "cpu"  # gpu.yaml is for GPU machines; here only its parsing and wiring are checked
@@ -75,3 +99,38 @@ def test_trainer_yaml(path, tmp_path):
     parser.add_class_arguments(L.Trainer, "trainer")
     trainer = parser.instantiate_classes(parser.parse_object({"trainer": cfg})).trainer
     assert isinstance(trainer, L.Trainer)
+
+
+def logger_from_yaml(path: Path, tmp_path: Path):
+    cfg = yaml.safe_load(path.read_text())
+    cfg["init_args"]["save_dir"] = str(tmp_path)
+    if path.stem == "wandb":
+        cfg["init_args"]["offline"] = True
+    parser = ArgumentParser(parser_mode="omegaconf")
+    parser.add_subclass_arguments(Logger, "logger")
+    return parser.instantiate_classes(parser.parse_object({"logger": cfg})).logger
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("logger/*.yaml")), ids=lambda p: p.stem)
+def test_logger_yaml_logs(path, tmp_path, monkeypatch):
+    if path.stem == "wandb":
+        pytest.importorskip("wandb", reason="the wandb extra is not installed")
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+    if path.stem == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("the tensorboard extra is not installed")
+    logger = logger_from_yaml(path, tmp_path)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.finalize("success")
+    if path.stem != "wandb":
+        assert any(p.is_file() for p in Path(logger.log_dir).rglob("*"))
+
+
+def test_logger_yaml_is_a_trainer_logger(tmp_path):
+    """The documented one-liner: --trainer.logger conf/logger/<name>.yaml, and the lr of each group is logged."""
+    cli = lightning_main(["fit", "--config", str(EXPERIMENTS[0]), "--model.backbone", str(CONF / "model/gpt.yaml"),
+                          "--trainer", str(CONF / "trainer/debug.yaml"), "--trainer.logger", str(CONF / "logger/csv.yaml"),
+                          *TINY_DATA, "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+                          "--trainer.val_check_interval=1", f"--trainer.default_root_dir={tmp_path}",
+                          f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    header = (Path(cli.trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert any(h.startswith("lr-") for h in header) and "val/all/acc" in header

@@ -191,3 +191,79 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["show", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["show"]) == 2 and "exactly one of --config" in capsys.readouterr().err
+
+
+# -- bad input: refused before anything is lost, reported in one line naming file and fix ------------------
+SMALL_DM = (
+    "class_path: prosg.data.ConstructedDataModule\n"
+    "init_args:\n  tasks: {name: recall, response_len: 48}\n  train_size: 4\n  val_size: 2\n  test_size: 2\n"
+)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_build_never_overwrites_files_it_did_not_write(tmp_path, capsys):
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(SMALL_DM)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"prompt": "my own data", "response": "not generated"}\n')  # no manifest.json
+    assert main(["build", "--config", str(cfg), "--out", str(out)]) == 2
+    line = error_line(capsys)
+    assert "already has train.jsonl" in line and "--overwrite" in line
+    assert "my own data" in (out / "train.jsonl").read_text() and not (out / "manifest.json").exists()
+    assert main(["build", "--config", str(cfg), "--out", str(out), "--splits", "val"]) == 0  # other files: fine
+    assert main(["build", "--config", str(cfg), "--out", str(out), "--overwrite"]) == 0
+    assert read_manifest(out)["counts"]["train"] == 4
+
+
+def test_build_reports_yaml_errors_and_unwritable_out_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("class_path: prosg.data.ConstructedDataModule\ninit_args: {train_size: [1, 2\n")
+    assert main(["build", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    line = error_line(capsys)
+    assert f"{bad}:3:1: YAML syntax error" in line and "fix the file" in line
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(SMALL_DM)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["build", "--config", str(cfg), "--out", str(blocker / "sub")]) == 2
+    assert "cannot write the dataset" in error_line(capsys)
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "ok", "response": "fine"}\n'.encode() + '{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9 at column 16\); save the file as UTF-8"):
+        JSONLDataModule(train_path=str(path))
+    cfg = tmp_path / "j.yaml"
+    cfg.write_text(f"class_path: prosg.data.JSONLDataModule\ninit_args: {{train_path: {path}}}\n")
+    assert main(["show", "--config", str(cfg), "--split", "train"]) == 2
+    assert f"{path}:2: not valid UTF-8" in error_line(capsys)
+
+
+def test_manifest_without_files_is_a_data_error(tmp_path, capsys):
+    write_dataset(dm(), tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
+    del manifest["files"]
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="has no 'files' mapping.*rebuild the dataset"):
+        read_dataset(tmp_path / "ds")
+    assert main(["show", "--path", str(tmp_path / "ds")]) == 2
+    assert "has no 'files' mapping" in error_line(capsys)
+
+
+def test_data_takes_a_fit_config_and_overrides_like_fit(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["show", "--config", "conf/experiment/sg.yaml", "-n", "1", "--color", "never"]
+    assert main([*args, "--data.init_args.val_size=3", "--data.init_args.seed", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "ConstructedDataModule:" in text and "val_size=3" in text
+    assert main([*args, "--seed=5"]) == 2
+    assert "unrecognized argument '--seed=5'" in error_line(capsys)
+    assert main([*args, "--data.init_args.sed=5"]) == 2
+    assert "has no argument 'sed'" in error_line(capsys)

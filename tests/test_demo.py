@@ -48,3 +48,14 @@ def test_forgetting_table_means_over_seeds_with_reference_lines():
     assert "2–14" in text and "12.5 / 25.0" in text
     md = results.forgetting_markdown(table, ["backbone", "method"])
     assert "| mamba | sg | 60.0 ± 14.1 (bind 20.0) |" in md and "*chance / value-set ceiling*" in md
+
+
+def test_bucket_order_is_numeric_in_results_json_and_the_table():
+    # metrics.json sorts keys as text: acc@128-256 comes before acc@16-32 there
+    metrics = {f"test/all/acc@{b}": 0.5 for b in ("0-16", "128-256", "16-32", "256-inf", "32-64")}
+    table = results.forgetting_table([{"labels": {"backbone": "mamba", "method": "plain"}, "seed": 0, "metrics": metrics}],
+                                     demo_group)
+    order = ["0-16", "16-32", "32-64", "128-256", "256-inf"]
+    assert list(table[("mamba", "plain")]) == order
+    header = format_table(table).splitlines()[0]
+    assert [header.index(f"d {b}") for b in order] == sorted(header.index(f"d {b}") for b in order)

@@ -71,7 +71,7 @@ def test_fit_trains_and_resumes_mid_epoch_identically(sg_run):
 def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)
-    cli = lightning_main(["validate", *exp("sg"), *SMALL, f"--ckpt_path={ckpt}"])
+    cli = lightning_main(["validate", *exp("sg"), *SMALL, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp}/validate"])
     metrics = cli.trainer.callback_metrics
     assert "val/recall/n4/acc" in metrics and "val/all/area" in metrics
     assert 0.0 <= float(metrics["val/recall/n4/acc"]) <= 1.0
@@ -103,7 +103,7 @@ def test_cli_adopts_the_checkpoint_model_config(sg_run):
     # LightningCLI rebuilds the model from the hyper-parameters stored in the checkpoint
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)
-    cli = lightning_main(["validate", *exp("plain"), *SMALL, f"--ckpt_path={ckpt}"])
+    cli = lightning_main(["validate", *exp("plain"), *SMALL, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp}/validate"])
     assert type(cli.model.method).__name__ == "ProSG"
 
 

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,3 +383,70 @@ def test_local_launcher_runs_jobs_in_parallel_with_thread_cap(tmp_path, monkeypa
     assert [r["status"] for r in results] == ["done"] * 4
     assert sorted(n for n, _ in seen) == ["r0", "r1", "r2", "r3"]
     assert all(env == {"OMP_NUM_THREADS": "1"} for _, env in seen)
+
+
+# -- re-runs and interruptions --------------------------------------------------------------------
+def test_rerun_starts_from_scratch_and_names_the_logger_run(tmp_path):
+    """A failed / interrupted run that runs again leaves no stale last.ckpt (no last-v1.ckpt) or logs of the old attempt."""
+    body = TINY.format(debug=CONF / "trainer/debug.yaml", gpt=CONF / "model/gpt.yaml") + (
+        "  trainer.logger: {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: elsewhere}}\n"
+        "name: mysweep\n"
+    )
+    sw = load_sweep(write_sweep(tmp_path, body))
+    (run,) = expand(sw)
+    (run_dir,) = prepare([run], sw.out_dir)
+    run_one(run_dir)
+    logs = run_dir / "mysweep" / run.name  # CSV / TensorBoard: save_dir/<sweep>/<run>
+    first = sorted(p.name for p in (logs / "checkpoints").iterdir())
+    assert "last.ckpt" in first and (logs / "metrics.csv").is_file()
+    (logs / "checkpoints" / "stale-from-the-first-attempt.ckpt").write_bytes(b"x")
+    write_status(run_dir, "failed", error="pretend it crashed")
+    run_one(run_dir)
+    assert sorted(p.name for p in (logs / "checkpoints").iterdir()) == first  # no last-v1.ckpt, nothing stale
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.yaml", "metrics.json", "mysweep", "overrides.yaml", "run.json", "status.json"]
+    assert read_status(run_dir)["status"] == "done"
+
+
+@pytest.mark.parametrize(("cls", "expected"), [
+    ("CSVLogger", {"save_dir": "RUN", "name": "grp", "version": "r-s0"}),
+    ("TensorBoardLogger", {"save_dir": "RUN", "name": "grp", "version": "r-s0"}),
+    ("WandbLogger", {"save_dir": "RUN", "name": "r-s0"}),
+    ("MLFlowLogger", {"run_name": "r-s0", "experiment_name": "grp"}),
+])
+def test_sweep_runs_are_named_and_grouped_in_loggers(cls, expected):
+    from prosg.train import name_logger
+
+    logger = {"class_path": f"lightning.pytorch.loggers.{cls}",
+              "init_args": {"save_dir": "runs"} if cls != "MLFlowLogger" else {}}
+    name_logger(logger, "RUN", "r-s0", "grp")
+    assert logger["init_args"] == expected
+    assert logger.get("dict_kwargs") == ({"group": "grp"} if cls == "WandbLogger" else None)
+    assert expand(load_sweep(DEMO))[0].spec()["sweep"] == "smoke"
+
+
+@pytest.mark.slow  # a real sweep in a subprocess, interrupted during its first run: ~30-60 s
+def test_interrupted_sweep_ends_with_its_summary_and_resumes(tmp_path):
+    body = TINY.format(debug=CONF / "trainer/debug.yaml", gpt=CONF / "model/gpt.yaml").replace(
+        "trainer.max_steps: 2", "trainer.max_steps: 100000\n  trainer.max_time: '00:00:05:00'") + (
+        "seeds: [0, 1, 2]\n"
+    )
+    path = write_sweep(tmp_path, body)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "prosg", "sweep", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while read_status(out / "s0").get("status") != "running":  # the first run has started
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground process group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "sweep s: interrupted: 0 done now, 0 skipped (already done), 0 failed, 1 interrupted, 2 not started" in stderr
+    assert "run the same command again to resume" in stderr
+    assert read_status(out / "s0")["status"] == "interrupted"
+    assert not (out / "s1" / "status.json").exists() and not (out / "s1" / "log.txt").exists()
+    assert (out / "results.md").is_file() and "s0 — interrupted" in (out / "results.md").read_text()

@@ -19,7 +19,7 @@ ProSG commands:
   demo       the built-in default run (small models, minutes on a CPU)
   sweep      a grid of experiments x seeds (conf/sweep/*.yaml): launch, resume, collect tables + plots
 
-Run `prosg <command> -h` for the options of a command.
+Run `prosg <command> -h` for the options of a command; `prosg --version` prints the version.
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from prosg import __version__
+
+        print(f"prosg {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:

@@ -16,13 +16,10 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 from prosg import results
-from prosg.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SWEEP = REPO / "conf" / "sweep" / "demo.yaml"
+DEMO_SWEEP = "sweep/demo.yaml"  # in prosg.paths.conf_dir(): the clone's conf/ or the copy installed with prosg
 
 
 def demo_group(row: dict) -> tuple[str, str]:
@@ -57,18 +54,19 @@ def format_table(table: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the demo sweep, print the forgetting table, write results.json."""
     p = argparse.ArgumentParser(prog="prosg demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default=str(DEFAULT_SWEEP), help="the sweep to run (default: conf/sweep/demo.yaml)")
+    p.add_argument("--sweep", help="the sweep to run (default: conf/sweep/demo.yaml, shipped with prosg)")
     p.add_argument("--out-dir", default="runs/demo", help="where runs, tables, plots and results.json go")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
     p.add_argument("--steps", type=int, help="override trainer.max_steps (e.g. a quick smoke run)")
     args = p.parse_args(argv)
 
+    from prosg.paths import conf_dir
     from prosg.sweep import collect, expand, launch, load_sweep
+    from prosg.sweep.launchers import was_interrupted
 
-    if not Path(args.sweep).is_file():
-        raise ConfigError(f"demo sweep {args.sweep} not found: run `prosg demo` from a clone of the repository "
-                          "(pip install -e .), or pass --sweep")
+    if args.sweep is None:
+        args.sweep = str(conf_dir() / DEMO_SWEEP)
     sweep = load_sweep(args.sweep, out_dir=args.out_dir)
     if args.seeds:
         sweep.seeds = list(args.seeds)
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = expand(sweep)
     print(f"prosg demo: {len(runs)} runs ({', '.join(a.name for a in sweep.axes)} x {len(sweep.seeds)} seeds), "
           f"{args.jobs} at a time, single-threaded each; results in {sweep.out_dir}", file=sys.stderr)
-    launch(sweep, runs)
+    launched = launch(sweep, runs)
     collected = collect(sweep, runs)
     table = results.forgetting_table(collected.rows, demo_group)
     summary = {
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": {"/".join(g): cells for g, cells in table.items()},
         "runs": {r["run"]: {"status": r["status"], "config": str(sweep.out_dir / r["run"] / "config.yaml")}
                  for r in collected.rows},
-        "sweep": str(Path(args.sweep).resolve()),
+        "sweep": str(sweep.path),
     }
     out = sweep.out_dir / "results.json"
     out.write_text(json.dumps(summary, indent=2))
@@ -106,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     failed = [pr["name"] for pr in collected.problems]
     if failed:
         print(f"\n{len(failed)} run(s) did not finish: {', '.join(failed)} (see their log.txt)", file=sys.stderr)
+    if was_interrupted(launched):
+        return 130
     return 1 if failed else 0

@@ -9,54 +9,33 @@ file (``--config``), like the Lightning subcommands.
 
 from __future__ import annotations
 
-import pickle
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from prosg.errors import CheckpointError, ConfigError
+from prosg.checkpoints import LOAD_ERRORS, check_ckpt_path, load_error
+from prosg.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _check_ckpt_path(ckpt: str) -> Path:
-    path = Path(ckpt)
-    if path.is_dir():
-        found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
-        hint = f"; found: {', '.join(found)}" if found else " (it holds no .ckpt file)"
-        raise CheckpointError(f"--ckpt {ckpt!r} is a directory; pass a checkpoint file written by `prosg fit`{hint}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt!r} does not exist; pass a .ckpt file written by `prosg fit`")
-    return path
 
 
 def load_checkpoint(ckpt: str, map_location: Any = "cpu"):
     """A ``ProSGModule`` from a ``prosg fit`` checkpoint, read with ``weights_only=True`` (no code runs)."""
     from prosg.module import ProSGModule
 
-    path = _check_ckpt_path(ckpt)
+    path = check_ckpt_path(ckpt)
     try:
         return ProSGModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{ckpt!r} holds pickled objects other than tensors and plain data, which safe loading refuses "
-            "(ProSG reads checkpoints only with weights_only=True, so no code in them can run); use a checkpoint "
-            "written by `prosg fit`"
-        ) from None
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"could not rebuild a ProSG model from {ckpt!r} ({type(e).__name__}: {str(e)[:300]}); it must be a "
-            "complete checkpoint written by `prosg fit` (truncated or foreign files fail here)"
-        ) from None
+    except (*LOAD_ERRORS, TypeError) as e:  # TypeError: hyper-parameters that do not fit ProSGModule
+        raise load_error(ckpt, e) from None
 
 
 def checkpoint_datamodule(ckpt: str) -> Any | None:
     """The DataModule a checkpoint was trained on (rebuilt from its saved hyper-parameters), or None."""
     from prosg.data.cli import instantiate_datamodule
 
-    saved = torch.load(_check_ckpt_path(ckpt), map_location="cpu", weights_only=True)
+    saved = torch.load(check_ckpt_path(ckpt), map_location="cpu", weights_only=True)
     hp = dict(saved.get("datamodule_hyper_parameters") or {})
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)

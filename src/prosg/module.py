@@ -128,6 +128,9 @@ class ProSGModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.method.on_before_optimizer_step()
+        # the learning rate of every parameter group (head / backbone) at this step, in whatever logger is set
+        for i, group in enumerate(optimizer.param_groups):
+            self.log(f"lr-{group.get('name', i)}", float(group["lr"]), on_step=True, on_epoch=False)
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         if self.metrics is None:

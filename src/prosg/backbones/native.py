@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from prosg.backbones.checkpoint import find_weight_file, load_state_strict, load_weights, read_json
 from prosg.backbones.registry import BACKBONES, build, register_format
 from prosg.errors import CheckpointError
@@ -18,13 +16,19 @@ from prosg.errors import CheckpointError
 FAMILY_KEY = "prosg_family"
 
 
+WEIGHTS = "model.safetensors"  # written; pytorch_model.bin (what earlier versions wrote) is still read
+
+
 def save_native(model, directory: str | Path) -> Path:
-    """Write ``config.json`` ({prosg_family, **config}) and ``pytorch_model.bin`` into ``directory``."""
+    """Write ``config.json`` ({prosg_family, **config}) and ``model.safetensors`` into ``directory``."""
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({FAMILY_KEY: model.family, **model.config}, indent=2))
-    # clone so tied weights are stored as plain tensors (weights_only loading rejects nothing either way)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, directory / "pytorch_model.bin")
+    # safetensors stores no shared memory: tied weights are saved as separate (contiguous) copies
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(directory / WEIGHTS),
+              metadata={"format": "pt", FAMILY_KEY: model.family})
     return directory
 
 
@@ -51,9 +55,10 @@ def load_native(path: Path):
         model = build(family, **config)
     except TypeError as e:
         raise CheckpointError(f"config.json in {str(path)!r} does not fit the {family} backbone: {e}") from None
-    weights = find_weight_file(path, ("pytorch_model.bin", "model.safetensors"))
+    weights = find_weight_file(path, (WEIGHTS, "pytorch_model.bin"))
     load_state_strict(model, load_weights(weights), str(weights))
     return model
 
 
-register_format("prosg", _detect, load_native, "ProSG native: config.json with 'prosg_family' + pytorch_model.bin")
+register_format("prosg", _detect, load_native,
+                "ProSG native: config.json with 'prosg_family' + model.safetensors (or pytorch_model.bin)")

@@ -21,24 +21,50 @@ _RESET = "\x1b[0m"
 
 
 def load_datamodule_config(path: str | Path) -> dict[str, Any]:
-    """The ``{class_path, init_args}`` mapping of a DataModule YAML (or of a full config's ``data:``)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """The ``{class_path, init_args}`` mapping of a DataModule YAML, or of the ``data:`` of a ``prosg fit`` config.
 
-    path = Path(path)
+    A full config's ``data:`` may be inline or a path to a DataModule YAML (relative to that config, as
+    ``conf/experiment/*.yaml`` write it), exactly as ``prosg fit --config`` reads it.
+    """
+    from prosg.paths import find_config, load_yaml
+
+    path = find_config(path)
     if not path.is_file():
         raise ConfigError(f"config {str(path)!r} not found; pass --config conf/data/<name>.yaml")
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OmegaConfBaseException, ValueError) as e:  # yaml errors surface as ValueError subclasses
-        raise ConfigError(f"{path}: cannot read YAML ({e})") from None
-    if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict):
-        cfg = cfg["data"]
+    cfg = load_yaml(path)
+    if isinstance(cfg, dict) and "data" in cfg and "class_path" not in cfg:
+        data = cfg["data"]
+        if isinstance(data, str):  # data: ../data/recall.yaml
+            return load_datamodule_config(path.parent / data if not Path(data).is_absolute() else data)
+        cfg = data
     if not isinstance(cfg, dict) or "class_path" not in cfg:
         raise ConfigError(
             f"{path}: expected a DataModule config with class_path (e.g. prosg.data.ConstructedDataModule) "
             "and init_args, or a LightningCLI config with a data: section"
         )
+    return cfg
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``--data.init_args.KEY=VALUE`` (or ``--data.init_args.KEY VALUE``) arguments, as ``prosg fit`` takes them."""
+    import yaml
+
+    cfg = {**cfg, "init_args": dict(cfg.get("init_args") or {})}
+    items = list(overrides)
+    while items:
+        arg = items.pop(0)
+        key, eq, value = arg.partition("=")
+        if not eq and items and not items[0].startswith("--"):
+            value = items.pop(0)
+        elif not eq:
+            raise ConfigError(f"{arg}: give a value, e.g. {arg}=1")
+        name = key.removeprefix("--data.init_args.").removeprefix("--data.")
+        if not key.startswith("--data.") or not name or "." in name:
+            raise ConfigError(
+                f"unrecognized argument {arg!r}; besides its options, `prosg data` takes DataModule overrides "
+                "like --data.init_args.seed=1"
+            )
+        cfg["init_args"][name] = yaml.safe_load(value)
     return cfg
 
 
@@ -60,12 +86,14 @@ def instantiate_datamodule(cfg: dict[str, Any]) -> Any:
             cause = cause.__cause__
         if isinstance(cause, ProSGError):
             raise cause from None
-        raise ConfigError(f"invalid DataModule config {cfg.get('class_path')}: {e}") from None
+        from prosg.train import argument_problem
+
+        raise ConfigError(f"invalid DataModule config {cfg.get('class_path')}: {argument_problem(e, ['data'])}") from None
 
 
-def load_datamodule(config: str | Path) -> Any:
-    """A DataModule instantiated from a YAML config file."""
-    return instantiate_datamodule(load_datamodule_config(config))
+def load_datamodule(config: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """A DataModule instantiated from a YAML config file (and ``--data.init_args.KEY=VALUE`` overrides)."""
+    return instantiate_datamodule(apply_overrides(load_datamodule_config(config), overrides))
 
 
 def render_tokens(strs: list[str], kinds: list[int], dists: list[int], joiner: str, color: bool) -> str:
@@ -108,7 +136,7 @@ def format_example(example: dict[str, Any], strs_of: Any, split: str, color: boo
 def _cmd_build(args: argparse.Namespace) -> int:
     from prosg.data.store import write_dataset
 
-    dm = load_datamodule(args.config)
+    dm = load_datamodule(args.config, args.overrides)
     manifest_path = write_dataset(dm, args.out, fmt=args.format, splits=args.splits, overwrite=args.overwrite)
     manifest = json.loads(manifest_path.read_text())
     counts = ", ".join(f"{n} {s}" for s, n in manifest["counts"].items())
@@ -124,7 +152,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
         dm = StoredDataModule(args.path)
     else:
-        dm = load_datamodule(args.config)
+        dm = load_datamodule(args.config, args.overrides)
     dm.setup("validate" if args.split == "val" else "test" if args.split == "test" else "fit")
     if args.split not in dm.split_names():
         raise ConfigError(f"split {args.split!r} is empty or missing (have {dm.split_names()}); pick another --split")
@@ -160,17 +188,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``prosg data`` argument parser."""
-    p = argparse.ArgumentParser(prog="prosg data", description="Build or inspect prompt-forgetting datasets.")
+    p = argparse.ArgumentParser(
+        prog="prosg data", description="Build or inspect prompt-forgetting datasets.",
+        epilog="--config takes a DataModule YAML (conf/data/*.yaml) or a `prosg fit` config (conf/experiment/*.yaml, "
+        "its data: section); DataModule arguments can be overridden as for `prosg fit`: --data.init_args.seed=1",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write a DataModule's splits + manifest.json to a directory")
-    b.add_argument("--config", required=True, help="DataModule YAML (class_path + init_args), e.g. conf/data/recall.yaml")
+    b.add_argument("--config", required=True,
+                   help="DataModule YAML (class_path + init_args), e.g. conf/data/recall.yaml, or a `prosg fit` config")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"], help="file format (parquet needs pyarrow)")
     b.add_argument("--splits", nargs="+", choices=["train", "val", "test"], help="splits to write (default: all non-empty)")
-    b.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    b.add_argument("--overwrite", action="store_true", help="replace files already in --out (a dataset, or files it would write)")
     b.set_defaults(fn=_cmd_build)
     s = sub.add_parser("show", help="print decoded examples with the scored answers highlighted")
-    s.add_argument("--config", help="DataModule YAML, e.g. conf/data/recall.yaml")
+    s.add_argument("--config", help="DataModule YAML, e.g. conf/data/recall.yaml, or a `prosg fit` config")
     s.add_argument("--path", help="a stored dataset directory (from `prosg data build`) instead of --config")
     s.add_argument("--split", default="val", choices=["train", "val", "test"])
     s.add_argument("-n", type=int, default=3, help="number of examples")
@@ -186,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``prosg data``; returns the exit code (2 on a user error, message on stderr)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Entry point of ``prosg data``; returns the exit code (2 on a user error, message on stderr in one line)."""
+    args, args.overrides = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return args.fn(args)
     except ProSGError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"prosg data: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prosg.data.loaders import SPLITS, BaseDataModule, ListDataset
+from prosg.data.store import utf8_lines
 from prosg.data.tasks import check_bucket_edges, default_bucket_edges, tokenizer_token_strs
 from prosg.data.tokenizers import load_tokenizer
 from prosg.errors import ConfigError, DataError
@@ -87,15 +88,14 @@ class JSONLDataModule(BaseDataModule):
             raise DataError(f"{split}_path {str(path)!r} does not exist; point {split}_path at a JSONL file")
         out: list[dict[str, Any]] = []
         skipped = 0
-        with path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                ex = self._parse_line(path, lineno, line, index=len(out))
-                if ex is None:
-                    skipped += 1
-                else:
-                    out.append(ex)
+        for lineno, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            ex = self._parse_line(path, lineno, line, index=len(out))
+            if ex is None:
+                skipped += 1
+            else:
+                out.append(ex)
         if not out:
             raise DataError(
                 f"{path}: no usable examples ({skipped} skipped); add lines {{\"prompt\": ..., \"response\": ...}}"

@@ -11,8 +11,9 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from prosg import __version__
 from prosg.data.tasks import GENERATOR_VERSION, default_bucket_edges
@@ -30,6 +31,19 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a DataError naming file, line and byte."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
 
 
 def _encode_line(ex: dict[str, Any]) -> str:
@@ -108,7 +122,20 @@ def write_dataset(source: Any, out_dir: str | Path, fmt: str = "jsonl", splits: 
     missing = [s for s in chosen if s not in available]
     if missing:
         raise ConfigError(f"split(s) {missing} not available (have {available}); drop them from --splits")
-    out.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in [*(f"{s}.{fmt}" for s in chosen), MANIFEST] if (out / name).exists()]
+    if existing and not overwrite:  # e.g. the user's own train.jsonl in a directory without a manifest
+        raise ConfigError(
+            f"{out} already has {', '.join(existing)}, which this build would replace; choose another --out or "
+            "pass --overwrite"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the dataset to {str(out)!r} ({e.strerror or type(e).__name__}); choose a writable --out"
+        ) from None
     files: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     for split in chosen:
@@ -153,11 +180,24 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{mpath} is not valid JSON ({e.msg}, line {e.lineno}); rebuild the dataset") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{mpath} is not a manifest (a JSON object); rebuild the dataset with `prosg data build`")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{mpath} has format_version {manifest.get('format_version')!r}, this prosg reads {FORMAT_VERSION}; "
             "rebuild the dataset"
         )
+    for key in ("files", "counts"):
+        if not isinstance(manifest.get(key), dict):
+            raise DataError(
+                f"{mpath} has no {key!r} mapping (every split's file and example count); it was not written by "
+                "`prosg data build` or was edited: rebuild the dataset"
+            )
+    for split, entry in manifest["files"].items():
+        absent = [k for k in ("file", "format", "sha256") if not isinstance(entry, dict) or k not in entry]
+        if absent or split not in manifest["counts"]:
+            what = f"keys {absent}" if absent else "an example count"
+            raise DataError(f"{mpath}: the {split!r} entry lacks {what}; rebuild the dataset")
     return manifest
 
 
@@ -188,12 +228,11 @@ def read_dataset(
             exs = _read_parquet(fpath)
         else:
             exs = []
-            with open(fpath, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    try:
-                        exs.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{fpath}:{lineno}: bad JSON ({e.msg}); rebuild the dataset") from None
+            for lineno, line in utf8_lines(fpath):
+                try:
+                    exs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{fpath}:{lineno}: bad JSON ({e.msg}); rebuild the dataset") from None
         if len(exs) != manifest["counts"][split]:
             raise DataError(
                 f"{fpath} has {len(exs)} examples, manifest says {manifest['counts'][split]}; rebuild the dataset"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from prosg.sweep.launchers import CLUSTERS, LAUNCHERS, launch
+from prosg.sweep.launchers import CLUSTERS, LAUNCHERS, launch, was_interrupted
 from prosg.sweep.report import collect
 from prosg.sweep.runner import read_status, run_one
 from prosg.sweep.spec import expand, load_sweep, select
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``prosg sweep``: expand, launch, resume and collect a sweep file (exit 1 if any run failed)."""
+    """``prosg sweep``: expand, launch, resume and collect a sweep file (exit 1 if a run failed, 130 if interrupted)."""
     p = argparse.ArgumentParser(
         prog="prosg sweep",
         description="Run a grid of experiments (conf/sweep/*.yaml): expand, launch, resume, collect.",
@@ -48,4 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = launch(sweep, chosen, a.launcher, a.cluster)
     collect(sweep, runs)
+    if was_interrupted(results):
+        return 130  # as a shell reports a command ended by Ctrl-C
     return int(any(s.get("status") != "done" for s in results))

@@ -16,18 +16,35 @@ The sweep file's ``launcher`` section (``prosg sweep --launcher/--cluster`` over
             overrides should set ``trainer.devices`` to it and ``trainer.num_nodes`` to ``nodes``, so
             Lightning's SLURMEnvironment maps the srun tasks to DDP ranks. Interrupting the waiting
             process leaves the jobs running; ``prosg sweep X.yaml --collect`` later gathers results.
+
+Ctrl-C (or SIGTERM) during a local sweep stops it cleanly: no new run starts, the running ones shut down
+and are marked ``interrupted``, and the sweep ends with its summary and tables (exit status 130); the
+same command resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prosg.errors import ConfigError
-from prosg.sweep.runner import child_env, execute_run, now, prepare, read_status, write_status
+from prosg.sweep.runner import (
+    INTERRUPTED,
+    NOT_STARTED,
+    allow_runs,
+    child_env,
+    execute_run,
+    now,
+    prepare,
+    read_status,
+    stop_runs,
+    write_status,
+)
 
 if TYPE_CHECKING:
     from prosg.sweep.spec import Run, Sweep
@@ -39,6 +56,8 @@ SUBMITIT_KEYS = (
     "jobs", "threads",  # local launcher
 )
 CLUSTERS = ("slurm", "local", "debug")
+SUBMITTED = "submitted"  # a submitit job still running when the sweep stopped waiting for it
+UNFINISHED = (INTERRUPTED, NOT_STARTED, SUBMITTED)  # statuses of a launch that ended early
 
 
 def check_launcher(raw: Any, path: Path) -> dict[str, Any]:
@@ -72,15 +91,64 @@ def launch_local(run_dirs: list[Path], jobs: int = 1, threads: int | None = None
     def one(d: Path) -> dict[str, Any]:
         nonlocal n_failed
         status = execute_run(d, env)
+        if status.get("status") in UNFINISHED:  # the sweep is being stopped
+            return status
         n_failed += status.get("status") != "done"
         bar.set_postfix_str(f"last {d.name} (failed so far: {n_failed})")
         bar.update()
         return status
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # the work happens in child processes
-        results = list(pool.map(one, run_dirs))
-    bar.close()
+    allow_runs()
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))  # the work happens in child processes
+    futures = [pool.submit(one, d) for d in run_dirs]
+    try:
+        with _sigterm_interrupts():
+            results = [f.result() for f in futures]
+    except KeyboardInterrupt:
+        bar.clear()
+        print("\nprosg sweep: interrupted; stopping the running runs (up to ~20 s) ...", file=sys.stderr)
+        with _sigint_ignored():
+            stop_runs()
+            pool.shutdown(wait=True, cancel_futures=True)
+        results = [f.result() if f.done() and not f.cancelled() else {"status": NOT_STARTED} for f in futures]
+    finally:
+        bar.close()
+    pool.shutdown()
     return results
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler ending the job) stops the sweep like Ctrl-C, with its summary."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Further Ctrl-C while the runs are being stopped: ignored here (the children shut down anyway)."""
+    if not _in_main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @contextlib.contextmanager
@@ -132,15 +200,20 @@ def launch_submitit(run_dirs: list[Path], launcher: dict[str, Any], folder: Path
           f"submitit logs in {folder}", file=sys.stderr)
     results = []
     with tqdm(total=len(jobs), desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        for job, d in zip(jobs, run_dirs):  # in submission order: the bar moves when the next one in line ends
-            try:
-                results.append(job.result())
-            except Exception as e:  # the job itself died: timeout, preemption, node failure
-                results.append(write_status(
-                    d, "failed", error=f"submitit job {job.job_id} failed: {str(e)[-1000:]}",
-                    log=str(job.paths.stderr), ended=now(),
-                ))
-            bar.update(1)
+        try:
+            for job, d in zip(jobs, run_dirs):  # in submission order: the bar moves when the next one in line ends
+                try:
+                    results.append(job.result())
+                except Exception as e:  # the job itself died: timeout, preemption, node failure
+                    results.append(write_status(
+                        d, "failed", error=f"submitit job {job.job_id} failed: {str(e)[-1000:]}",
+                        log=str(job.paths.stderr), ended=now(),
+                    ))
+                bar.update(1)
+        except KeyboardInterrupt:  # the jobs are the cluster's now: they go on; --collect gathers them later
+            print(f"\nprosg sweep: stopped waiting; the {len(jobs) - len(results)} unfinished job(s) keep running "
+                  f"(job {jobs[0].job_id}); gather them later with --collect", file=sys.stderr)
+            results += [{**read_status(d), "status": SUBMITTED} for d in run_dirs[len(results):]]
     return results
 
 
@@ -163,10 +236,21 @@ def launch(sweep: Sweep, runs: list[Run], launcher: str | None = None, cluster: 
         results = launch_submitit(todo, settings, sweep.out_dir / "_submitit", sweep.name)
     else:
         results = launch_local(todo, jobs=int(settings.get("jobs", 1)), threads=settings.get("threads"))
-    failed = [(d, s) for d, s in zip(todo, results) if s.get("status") != "done"]
-    print(f"sweep {sweep.name}: {len(results) - len(failed)} done now, {skipped} skipped (already done), "
-          f"{len(failed)} failed", file=sys.stderr)
+    failed = [(d, s) for d, s in zip(todo, results) if s.get("status") not in ("done", *UNFINISHED)]
+    stopped = {k: sum(s.get("status") == k for s in results) for k in UNFINISHED}
+    n_done = sum(s.get("status") == "done" for s in results)
+    head = f"sweep {sweep.name}: " + ("interrupted: " if any(stopped.values()) else "")
+    print(head + f"{n_done} done now, {skipped} skipped (already done), {len(failed)} failed"
+          + "".join(f", {n} {k}" for k, n in stopped.items() if n), file=sys.stderr)
     for d, s in failed:
         error = (s.get("error") or "unknown error").splitlines()[0]
         print(f"  FAILED {d.name}: {error}\n         log: {s.get('log', d / 'log.txt')}", file=sys.stderr)
+    if any(stopped.values()):
+        print(f"  run the same command again to resume: the {n_done + skipped} finished run(s) are kept, "
+              "the others start from scratch", file=sys.stderr)
     return results
+
+
+def was_interrupted(results: list[dict]) -> bool:
+    """Whether a launch ended early (Ctrl-C / SIGTERM), leaving runs interrupted or not started."""
+    return any(s.get("status") in UNFINISHED for s in results)

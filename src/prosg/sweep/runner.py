@@ -11,21 +11,31 @@ at the run directory, so concurrent runs never share a version folder). A run is
 in a child process (``python -m prosg.sweep --run-one DIR``) started in the sweep's working
 directory (relative data paths keep working).
 
-Resume: running the sweep again skips runs whose status is ``done`` and re-runs failed or unfinished
-ones (a run killed with its sweep stays ``running`` and is re-run). A ``done`` run whose overrides no
-longer match the sweep file is an error: delete its directory or use another ``out_dir``. A failed run
-never stops the others; the summary lists failures with their logs and the exit status is 1.
+Resume: running the sweep again skips runs whose status is ``done`` and re-runs failed, interrupted or
+unfinished ones (a run killed with its sweep stays ``running`` and is re-run). A re-run starts from
+scratch: the earlier attempt's checkpoints, logger output, config and metrics are removed first (its
+``last.ckpt`` would otherwise stay, and the new one become ``last-v1.ckpt``); the directory keeps only
+``run.json``, ``overrides.yaml``, ``status.json`` and the logs. A ``done`` run whose overrides no longer
+match the sweep file is an error: delete its directory or use another ``out_dir``. A failed run never
+stops the others; the summary lists failures with their logs and the exit status is 1.
+
+Interrupting a sweep (Ctrl-C, SIGTERM): ``stop_runs`` stops launching, lets each running child shut
+down (Lightning's graceful KeyboardInterrupt), marks those runs ``interrupted`` and the sweep ends with
+its summary; running it again resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +49,11 @@ from prosg.train import fit_and_test, model_sizes
 
 if TYPE_CHECKING:
     from prosg.sweep.spec import Run
+
+# What a run directory keeps when the run starts again; everything else is the previous attempt's output.
+RUN_FILES = ("run.json", "overrides.yaml", "status.json")
+# Statuses of runs that did not finish; a sweep re-runs them.
+INTERRUPTED, NOT_STARTED = "interrupted", "not started"
 
 # Environment variables that are non-zero on every process but the global rank 0 (Lightning's
 # re-executed DDP children, torchrun, srun tasks, submitit local tasks).
@@ -133,15 +148,20 @@ def run_one(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} has no run.json; runs are prepared by `prosg sweep <file>` (see --dry-run)")
     zero, start = is_rank_zero(), time.time()
     if zero:
-        (run_dir / "metrics.json").unlink(missing_ok=True)
+        removed = clear_previous_attempt(run_dir)
+        if removed:
+            print(f"prosg sweep: {run_dir.name} starts again from scratch; removed the previous attempt's "
+                  f"{', '.join(removed)}", flush=True)
         # a fresh record: nothing of an earlier failed attempt carries over
         write_json(run_dir / "status.json", {"status": "running", "started": now(), "host": socket.gethostname(),
                                               "pid": os.getpid()})
     try:
-        cli, after_fit, after_test = fit_and_test(spec["args"], run_dir, write_config=zero)
+        cli, after_fit, after_test = fit_and_test(spec["args"], run_dir, write_config=zero, name=spec["name"],
+                                                  group=spec.get("sweep"))
     except BaseException as e:
         if zero:
-            write_status(run_dir, "failed", error=_describe(e), ended=now(), wall_s=round(time.time() - start, 2))
+            status = INTERRUPTED if isinstance(e, KeyboardInterrupt) else "failed"
+            write_status(run_dir, status, error=_describe(e), ended=now(), wall_s=round(time.time() - start, 2))
         raise
     wall = round(time.time() - start, 2)
     after_fit, after_test = results.json_scalars(after_fit), results.json_scalars(after_test)
@@ -157,6 +177,21 @@ def run_one(run_dir: str | Path) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", metrics)
         write_status(run_dir, "done", ended=now(), wall_s=wall)
     return metrics
+
+
+def clear_previous_attempt(run_dir: Path) -> list[str]:
+    """Remove what an earlier attempt of this run left (checkpoints, logger output, config, metrics); their names."""
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name in RUN_FILES or (path.name.startswith("log") and path.suffix == ".txt"):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(f"{path.name}/")
+        else:
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def child_env() -> dict[str, str]:
@@ -177,26 +212,71 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
+# The runs this process started (execute_run), so that an interrupted sweep can stop them.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def allow_runs() -> None:
+    """Let ``execute_run`` start runs again (a launcher calls it first: an earlier sweep may have been stopped)."""
+    _stopping.clear()
+
+
+def stop_runs(grace_s: float = 10.0) -> None:
+    """Start no more runs; ask the running children to stop (SIGINT) and wait for them, then kill what is left.
+
+    A Ctrl-C in a terminal reaches the children too: each gets ``grace_s`` to shut down by itself (Lightning
+    saves nothing and exits) before it is sent SIGINT, and as long again before SIGKILL.
+    """
+    _stopping.set()
+    for sig in (None, signal.SIGINT, signal.SIGKILL):
+        with _children_lock:
+            alive = [p for p in _children if p.poll() is None]
+        for p in alive if sig is not None else []:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+        deadline = time.time() + grace_s
+        while alive and time.time() < deadline:
+            alive = [p for p in alive if p.poll() is None]
+            time.sleep(0.05)
+        if not alive:
+            return
+
+
 def execute_run(run_dir: str | Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one prepared run in a child process, output in log.txt; return its final status. Never raises.
 
     The per-run function of both launchers (and every submitit task). Whatever the child does
-    (finish, raise, segfault, get OOM-killed) ends with status.json ``done`` or ``failed``.
+    (finish, raise, segfault, get OOM-killed) ends with status.json ``done``, ``failed`` or, when the sweep
+    was interrupted (``stop_runs``), ``interrupted``; a run not started by then returns ``not started``.
     """
     run_dir = Path(run_dir).resolve()
+    if _stopping.is_set():
+        return {"status": NOT_STARTED}
     zero, start = is_rank_zero(), time.time()
     log = run_dir / ("log.txt" if zero else f"log.{_rank_tag()}.txt")
     cmd = [sys.executable, "-m", "prosg.sweep", "--run-one", str(run_dir)]
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**child_env(), **(env or {})}).returncode
+        with _children_lock:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**child_env(), **(env or {})})
+            _children.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _children_lock:
+                _children.discard(proc)
     if not zero:
         return {"status": "rank>0", "returncode": rc}
     status = read_status(run_dir)
     if rc == 0 and status.get("status") == "done":
         return write_status(run_dir, "done", log=str(log))
+    if _stopping.is_set():
+        return write_status(run_dir, INTERRUPTED, error="interrupted with its sweep; run the sweep again to redo it",
+                            returncode=rc, log=str(log), ended=now(), wall_s=round(time.time() - start, 2))
     if rc < 0:
         why = f"killed by signal {signal.Signals(-rc).name}"
     else:
@@ -206,5 +286,3 @@ def execute_run(run_dir: str | Path, env: dict[str, str] | None = None) -> dict[
         run_dir, "failed", error=error, returncode=rc, log=str(log), log_tail=_tail(log),
         ended=now(), wall_s=round(time.time() - start, 2),
     )
-
-

@@ -95,6 +95,7 @@ class Run:
     seed: int
     experiment: Path
     overrides: dict[str, Any]  # merged, in the order they are applied
+    sweep: str = ""  # the sweep's name: the run's group in loggers that show one (W&B, MLflow, TensorBoard dirs)
 
     def args(self) -> list[str]:
         """LightningCLI arguments of this run (without the subcommand)."""
@@ -103,7 +104,7 @@ class Run:
     def spec(self) -> dict[str, Any]:
         """What ``run.json`` holds: everything a worker needs to run it."""
         return {
-            "name": self.name, "labels": self.labels, "axes": self.axes, "seed": self.seed,
+            "name": self.name, "sweep": self.sweep, "labels": self.labels, "axes": self.axes, "seed": self.seed,
             "experiment": str(self.experiment), "overrides": self.overrides, "args": self.args(),
         }
 
@@ -202,15 +203,12 @@ def _parse_axis(name: str, raw: Any, earlier: list[str], base: Path) -> Axis:
 
 def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     """Parse and check a sweep YAML; ``out_dir`` replaces the file's ``out_dir``."""
-    from omegaconf import OmegaConf
+    from prosg.paths import find_config, load_yaml
 
-    path = Path(path).resolve()
+    path = find_config(path).resolve()  # conf/sweep/... works from anywhere: the configs ship with prosg
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist; pass a YAML such as conf/sweep/smoke.yaml")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:  # omegaconf raises several unrelated types for YAML / interpolation errors
-        raise ConfigError(f"{path}: cannot read it as YAML ({e}); fix the syntax") from e
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with keys {SWEEP_KEYS}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
@@ -287,6 +285,7 @@ def expand(sweep: Sweep) -> list[Run]:
                 seed=seed,
                 experiment=sweep.experiment,
                 overrides=overrides,
+                sweep=sweep.name,
             )
             if name in seen:
                 raise ConfigError(

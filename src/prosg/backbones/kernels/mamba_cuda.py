@@ -1,6 +1,6 @@
 """Optional CUDA kernels for Mamba-1 (mamba_ssm + causal_conv1d), imported lazily.
 
-The ``[cuda]`` extra is source-only and fails to import on CPU machines, so nothing here is
+The ``[cuda]`` extra's kernels (source builds on pip, prebuilt on conda-forge) fail to import on CPU machines, so nothing here is
 imported at module import time: ``load_kernels`` tries once, caches the outcome, and the
 mixer falls back to the pure-PyTorch path whenever tensors are not on CUDA, the import
 failed (with ``use_kernels="auto"``) or the call needs something the kernels lack (an initial
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from prosg.errors import ConfigError
 
-INSTALL_HINT = "pip install -e .[cuda]  (needs nvcc and a CUDA build of torch; see environment.yml)"
+INSTALL_HINT = ("`conda env create -f environment.yml` (prebuilt kernels from conda-forge), or "
+                "`pip install --no-build-isolation -e .[cuda]` (needs nvcc and a CUDA build of torch)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def require_kernels() -> MambaKernels:
     if kernels is None:
         raise ConfigError(
             f"use_kernels=True but the Mamba CUDA kernels cannot be imported ({_error}). Install them "
-            f"with `{INSTALL_HINT}`, or set use_kernels='auto' (kernels when available) or False."
+            f"with {INSTALL_HINT}, or set use_kernels='auto' (kernels when available) or False."
         )
     return kernels
 
