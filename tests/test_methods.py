@@ -19,6 +19,7 @@ METHODS = {
     "sg": lambda: ProSG(rank=4),
     "sg_svd": lambda: ProSG(rank=4, compression="svd"),
     "oracle": lambda: Oracle(rank=4, compression="full"),
+    "oracle_answers": lambda: Oracle(rank=4, compression="full", loss="answers"),
 }
 
 
@@ -44,12 +45,13 @@ def test_teacher_forced_equals_generation(family, method):
     m = attached(family, method)
     ids = torch.randint(1, V, (2, 11))
     P = 4
-    batch = m.prepare({"input_ids": ids, "prompt_len": torch.tensor([P, P])}, pad_id=0)
+    answers = ids[:, 1:P:2]  # every other prompt token is an "answer" (recall's values)
+    batch = m.prepare({"input_ids": ids, "prompt_len": torch.tensor([P, P]), "candidates": answers}, pad_id=0)
     Pm = int(batch["prompt_len"][0])  # the prompt as the method reads it (JRT: twice)
     with torch.no_grad():
         teacher = m(batch).logits[:, Pm - 1 : -1]  # predictions of tokens P..10
         steps = []
-        with m.prefill(ids[:, :P]) as out:
+        with m.prefill(ids[:, :P], answers) as out:
             steps.append(out.logits)
             state = out.state
             for t in range(P, 10):
@@ -71,6 +73,20 @@ def test_method_changes_the_response_but_not_the_plain_prompt_logits(method):
     assert not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-4)
     if method != "soft_prompt":  # a prefix changes every position; a delta only those after the prompt
         torch.testing.assert_close(a[:, :4], b[:, :4])
+
+
+def test_answers_oracle_takes_the_gradient_of_the_answer_tokens_only():
+    m = attached("gpt", "oracle")
+    ids = torch.randint(1, V, (1, 7))
+    plen = torch.tensor([7])
+    full = m.head.prompt_gradients(ids, plen)
+    only = m.head.prompt_gradients(ids, plen, answers=ids[:, [2, 4]])
+    none = m.head.prompt_gradients(ids, plen, answers=torch.full((1, 2), -1))
+    name = m.head.targets[0].name
+    assert not torch.allclose(full[name], only[name]) and only[name].abs().sum() > 0
+    assert none[name].abs().sum() == 0  # no answer token in the prompt: no gradient
+    with pytest.raises(ConfigError, match="loss="):
+        Oracle(loss="response")
 
 
 def test_generate_takes_a_backbone_or_a_method():

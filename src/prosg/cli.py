@@ -17,6 +17,7 @@ ProSG commands:
   generate   a checkpoint + a prompt -> streamed continuation
   data       build / show the constructed prompt-forgetting dataset
   demo       the built-in default run (small models, minutes on a CPU)
+  pretrain   train + publish the backbones of the frozen-backbone setting (assets/pretrained)
   sweep      a grid of experiments x seeds (conf/sweep/*.yaml): launch, resume, collect tables + plots
 
 Run `prosg <command> -h` for the options of a command; `prosg --version` prints the version.
@@ -62,6 +63,10 @@ def _dispatch(argv: list[str]) -> int:
         from prosg.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "pretrain":
+        from prosg.pretrain import main as pretrain_main
+
+        return pretrain_main(rest)
     if command == "sweep":
         from prosg.sweep import main as sweep_main
 

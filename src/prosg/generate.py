@@ -56,6 +56,7 @@ def generate(
     max_new_tokens: int,
     *,
     forced: Tensor | None = None,
+    answers: Tensor | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -69,7 +70,8 @@ def generate(
     ``model`` is a backbone (plain decoding) or a method attached to one (its prompt handling and
     whatever it keeps, e.g. the SG delta, apply to every step). ``forced`` (B, F): tokens fed after
     the prompt before sampling starts (teacher-forced text that is not part of the prompt: it reaches
-    the model like generated tokens, through the state, with the delta in place). Rows that emit a stop id keep
+    the model like generated tokens, through the state, with the delta in place). ``answers`` (B, K):
+    the samples' answer sets, for methods that read them (the oracle's ``answers`` loss). Rows that emit a stop id keep
     emitting it (so the output stays rectangular); decoding ends early once every row has stopped.
     ``on_token`` receives each new column (B,) for streaming.
     """
@@ -83,7 +85,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     backbone.check_ids(prompt_ids, ndim=2)
     out = []
-    with method.prefill(prompt_ids) as res:
+    with method.prefill(prompt_ids, answers) as res:
         logits, state = res.logits, res.state
         if forced is not None and forced.shape[1]:
             backbone.check_ids(forced, ndim=2)

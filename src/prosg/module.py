@@ -178,7 +178,7 @@ class ProSGModule(L.LightningModule):
             p, f = key
             ids = batch["input_ids"][group]
             n_new = max(last[i] for i in group) - f + 1
-            new = generate(self.method, ids[:, :p], n_new, forced=ids[:, p:f])
+            new = generate(self.method, ids[:, :p], n_new, forced=ids[:, p:f], answers=batch["candidates"][group])
             # score generated tokens like teacher-forced ones: the "logits" are one-hot picks
             picks = torch.cat([ids[:, :f], new], dim=1)
             onehot = F.one_hot(picks, self.backbone.vocab_size).to(torch.float32)

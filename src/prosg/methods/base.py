@@ -71,10 +71,11 @@ class Method(nn.Module):
         return MethodOutput(self.backbone(batch["input_ids"]).logits)
 
     @contextmanager
-    def prefill(self, prompt_ids: Tensor) -> Iterator[BackboneOutput]:
+    def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:
         """Read equal-length prompts (B, P); yield the last position's logits (B, V) and the state.
 
         Steps taken inside the ``with`` block see whatever the method keeps for these prompts.
+        ``answers`` (B, K): the samples' answer sets, for methods that use them (the oracle's loss).
         """
         out = self.backbone(prompt_ids)
         yield BackboneOutput(out.logits[:, -1], out.state)

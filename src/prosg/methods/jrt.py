@@ -45,6 +45,6 @@ class JRT(Method):
         return repeat_prompt(batch, pad_id)
 
     @contextmanager
-    def prefill(self, prompt_ids: Tensor) -> Iterator[BackboneOutput]:
-        with super().prefill(torch.cat([prompt_ids, prompt_ids], dim=1)) as out:
+    def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:
+        with super().prefill(torch.cat([prompt_ids, prompt_ids], dim=1), answers) as out:
             yield out

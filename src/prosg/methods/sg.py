@@ -56,18 +56,20 @@ class ProSG(Method):
     def name(self) -> str:
         return "oracle" if self.mode == "oracle" else "sg"
 
-    def _true_gradients(self, ids: Tensor, plen: Tensor) -> dict[str, Tensor] | None:
+    def _true_gradients(self, ids: Tensor, plen: Tensor, answers: Tensor | None = None) -> dict[str, Tensor] | None:
         """∂L_prompt/∂Y per target when the oracle or the aux loss needs them."""
         if self.mode == "oracle" or (self.aux_weight > 0 and self.training):
-            return self.head.prompt_gradients(ids, plen)
+            return self.head.prompt_gradients(ids, plen, answers if self.loss == "answers" else None)
         return None
+
+    loss = "prompt"  # the prompt loss the true gradient is taken of (Oracle: prompt or answers)
 
     def forward(self, batch: dict) -> MethodOutput:
         ids, plen = batch["input_ids"], batch["prompt_len"]
         bb = self.backbone
         bb.check_ids(ids, ndim=2)
         self.max_prompt_len = max(self.max_prompt_len, int(plen.max()))
-        true = self._true_gradients(ids, plen)
+        true = self._true_gradients(ids, plen, batch.get("candidates"))
         with self.head.session(plen, true if self.mode == "oracle" else None) as s:
             logits = bb.forward_embeds(bb.embed(ids)).logits
             p = self.prompt_state_dropout
@@ -103,11 +105,11 @@ class ProSG(Method):
         return out
 
     @contextmanager
-    def prefill(self, prompt_ids: Tensor) -> Iterator[BackboneOutput]:
+    def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:
         B, P = prompt_ids.shape
         plen = torch.full((B,), P, dtype=torch.long, device=prompt_ids.device)
         self.max_prompt_len = max(self.max_prompt_len, P)
-        true = self.head.prompt_gradients(prompt_ids, plen) if self.mode == "oracle" else None
+        true = self._true_gradients(prompt_ids, plen, answers) if self.mode == "oracle" else None
         with self.head.session(plen, true) as s:
             out = self.backbone(prompt_ids)
             s.start_steps()
@@ -125,8 +127,11 @@ class ProSG(Method):
 
 
 class Oracle(ProSG):
-    """True-gradient oracle: Δ̂ replaced by ∂L_prompt/∂Y from autograd, same compression and injection
-    (one step of test-time training on the prompt). Needs ``trainer.inference_mode: false``."""
+    """True-gradient oracle: Δ̂ replaced by ∂L/∂Y from autograd, same compression and injection (one
+    step of test-time training on the prompt, with learned per-layer step sizes). ``loss``: ``prompt``
+    = the next-token loss of the whole prompt; ``answers`` = only of the prompt tokens that are the
+    sample's answers (``candidates``: recall's values), the part of the prompt the response needs.
+    Needs ``trainer.inference_mode: false``."""
 
     mode = "oracle"
 
@@ -138,6 +143,10 @@ class Oracle(ProSG):
         eta_init: float = 1.0,
         prompt_state_dropout: float = 0.0,
         eta_clip: float | None = None,
+        loss: str = "prompt",
     ) -> None:
         super().__init__(targets, rank, compression, transform_inputs=False, eta_init=eta_init,
                          prompt_state_dropout=prompt_state_dropout, eta_clip=eta_clip)
+        if loss not in ("prompt", "answers"):
+            raise ConfigError(f"Oracle loss={loss!r}; choose 'prompt' (every prompt token) or 'answers'")
+        self.loss = loss

@@ -43,7 +43,7 @@ class SoftPrompt(Method):
         return MethodOutput(logits[:, self.n_tokens :])
 
     @contextmanager
-    def prefill(self, prompt_ids: Tensor) -> Iterator[BackboneOutput]:
+    def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:
         bb = self.backbone
         bb.check_ids(prompt_ids, ndim=2)
         out = bb.forward_embeds(self.prepend(bb.embed(prompt_ids)))

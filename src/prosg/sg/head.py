@@ -275,8 +275,12 @@ class SGHead(nn.Module):
         return hook
 
     # -- oracle and the DNI auxiliary loss ---------------------------------------------------
-    def prompt_gradients(self, input_ids: Tensor, prompt_len: Tensor) -> dict[str, Tensor]:
-        """∂L_prompt/∂Y_ℓ (B, P, o) for every target: L = per-sample mean next-token CE on the prompt."""
+    def prompt_gradients(self, input_ids: Tensor, prompt_len: Tensor, answers: Tensor | None = None) -> dict[str, Tensor]:
+        """∂L_prompt/∂Y_ℓ (B, P, o) for every target: L = per-sample mean next-token CE on the prompt.
+
+        ``answers`` (B, K), -1 padded: count only prompt tokens that are among the sample's answers
+        (e.g. recall's values: the loss of reading each value off its key), else every prompt token.
+        """
         if torch.is_inference_mode_enabled():
             raise ConfigError(
                 "the true-gradient oracle (and aux_weight > 0) needs autograd during evaluation: "
@@ -300,7 +304,10 @@ class SGHead(nn.Module):
             with torch.enable_grad():
                 logits = backbone(ids).logits[:, :-1]
                 pos = torch.arange(1, P, device=ids.device)
-                valid = (pos[None, :] < prompt_len[:, None]).to(logits.dtype)  # target t is a prompt token
+                valid = pos[None, :] < prompt_len[:, None]  # target t is a prompt token
+                if answers is not None:
+                    valid &= ((ids[:, 1:, None] == answers[:, None, :]) & (answers[:, None, :] >= 0)).any(-1)
+                valid = valid.to(logits.dtype)
                 nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
                 loss = ((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).sum()
                 names = [t.name for t in self.targets]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Collection
 from prosg import results
 from prosg.sweep.runner import read_json, read_status
 from prosg.sweep.spec import Axis, Run, Sweep
+from prosg.sweep.tuning import best_per_cell, tuning_markdown
 
 MEMORY = results.SIZE_COLUMNS["memory"]
 
@@ -84,6 +85,8 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
                "seeds) and binding error % (a wrong answer that is another prompt fact's); the last rows give the "
                "distances each bucket held and the reference lines computed from the data.\n\n"
                + results.forgetting_markdown(table, axis_names or ["run"]) + "\n")
+        if sweep.tune is not None:
+            md += "\n" + tuning_markdown(best_per_cell(done, sweep.tune, axis_names), sweep.tune, axis_names, split)
     md_path = out / "results.md"
     md_path.write_text(md)
     files.insert(1, md_path)

@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from prosg.errors import ConfigError
+from prosg.sweep.tuning import Tuning, parse_tuning
 from prosg.sweep.launchers import check_launcher
 
 # A seed re-draws the initialisation AND the data (train, val and test examples, shuffle); a sweep on
 # data without a seed (JSONL) sets seed_keys: [seed_everything].
 DEFAULT_SEED_KEYS = ("seed_everything", "data.init_args.seed")
-SWEEP_KEYS = ("name", "experiment", "out_dir", "seeds", "seed_keys", "overrides", "axes", "launcher")
+SWEEP_KEYS = ("name", "experiment", "out_dir", "seeds", "seed_keys", "overrides", "axes", "launcher", "tune")
 LABEL_RE = re.compile(r"^[A-Za-z0-9._+=-]+$")
 
 
@@ -83,6 +84,7 @@ class Sweep:
     overrides: dict[str, Any]
     axes: list[Axis]
     launcher: dict[str, Any]
+    tune: Tuning | None = None  # axes tuned per cell on validation (prosg.sweep.tuning)
 
 
 @dataclass
@@ -247,6 +249,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         overrides=_overrides(raw.get("overrides"), "overrides", base),
         axes=axes,
         launcher=launcher,
+        tune=parse_tuning(raw.get("tune"), [a.name for a in axes], path),
     )
 
 

@@ -1,0 +1,89 @@
+"""Equal tuning effort: pick each method's best setting on validation, report it on test.
+
+A sweep file may name the axes that are tuned and the validation metric that decides::
+
+    tune:
+      over: [lr, steps]          # axes tuned separately for every cell of the other axes
+      by: val/all/acc            # maximised; the mean over seeds decides (as Zoology picks its lr)
+
+``collect`` then adds a table with, per cell of the other axes, the chosen setting (its labels on
+the tuned axes), its validation score and its test metrics over seeds — every method gets the same
+grid and the same rule, and the test split never takes part in the choice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prosg import results
+from prosg.errors import ConfigError
+
+
+@dataclass
+class Tuning:
+    """Axes tuned per cell, and the metric (maximised) that picks the setting."""
+
+    over: list[str]
+    by: str
+
+
+def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
+    """The ``tune:`` section of a sweep file, checked against its axes (None when absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"over", "by"} or "over" not in raw:
+        raise ConfigError(f"{path}: tune must be {{over: [axis, ...], by: val/all/acc}}; got {raw!r}")
+    over = [raw["over"]] if isinstance(raw["over"], str) else list(raw["over"])
+    unknown = [a for a in over if a not in axis_names]
+    if unknown or not over:
+        raise ConfigError(f"{path}: tune.over names {unknown or over}, not axes of this sweep ({axis_names})")
+    by = str(raw.get("by", "val/all/acc"))
+    key = results.parse_key(by)
+    if key is None or key.split != "val":
+        raise ConfigError(f"{path}: tune.by={by!r} must be a validation metric (val/...): the test split never picks")
+    return Tuning(over, by)
+
+
+def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> list[dict]:
+    """Per cell of the untuned axes: the tuned setting with the best mean ``tuning.by`` and its runs.
+
+    Each entry: ``labels`` (untuned axes), ``chosen`` (tuned axes -> label), ``score`` (Stats of the
+    validation metric), ``runs`` (the chosen setting's runs, one per seed), ``tried`` (settings compared).
+    """
+    kept = [a for a in axis_names if a not in tuning.over]
+    cells: dict[tuple, dict[tuple, list[dict]]] = {}
+    for r in done:
+        cell = tuple(r["labels"].get(a, "") for a in kept)
+        setting = tuple(r["labels"].get(a, "") for a in tuning.over)
+        cells.setdefault(cell, {}).setdefault(setting, []).append(r)
+    out = []
+    for cell, settings in cells.items():
+        scored = [(results.cell_stats(runs, tuning.by), setting, runs) for setting, runs in settings.items()]
+        scored = [s for s in scored if not math.isnan(s[0].mean)]
+        if not scored:
+            continue
+        stats, setting, runs = max(scored, key=lambda s: s[0].mean)
+        out.append({"labels": dict(zip(kept, cell)), "chosen": dict(zip(tuning.over, setting)), "score": stats,
+                    "runs": runs, "tried": len(settings)})
+    return out
+
+
+def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], split: str = "test") -> str:
+    """The tuned table: chosen setting, its validation score, then the forgetting table of the chosen runs."""
+    kept = [a for a in axis_names if a not in tuning.over]
+    head = [*kept, *(f"best {a}" for a in tuning.over), tuning.by, "settings tried"]
+    lines = [f"## Best per cell on validation (tuned over {', '.join(tuning.over)}; by {tuning.by})", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for b in best:
+        cells = [b["labels"][a] or "–" for a in kept] + [b["chosen"][a] for a in tuning.over]
+        cells += [results.format_stats(b["score"]), str(b["tried"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    chosen = {id(r): b for b in best for r in b["runs"]}
+    rows = [r for b in best for r in b["runs"]]
+    table = results.forgetting_table(rows, lambda r: [chosen[id(r)]["labels"][a] or "–" for a in kept], split)
+    lines += ["", f"The chosen settings on {split} (accuracy %, binding error %, mean ± std over seeds):", "",
+              results.forgetting_markdown(table, kept or ["run"])]
+    return "\n".join(lines) + "\n"
