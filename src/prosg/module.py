@@ -233,7 +233,12 @@ class ProSGModule(L.LightningModule):
         if backbone_params:
             groups.append({"params": backbone_params, "lr": self.hparams.lr_backbone or lr, "name": "backbone"})
         if not groups:
-            raise ConfigError(f"nothing to train: the backbone is frozen and {self.method.name} has no parameters")
+            if self._trainer is not None and self.trainer.max_steps == 0:
+                return None  # evaluation only (a frozen backbone with a parameter-free method): nothing to optimise
+            raise ConfigError(
+                f"nothing to train: the backbone is frozen and {self.method.name} has no parameters; unfreeze it "
+                "(model.freeze_backbone: false), or evaluate as is with trainer.max_steps: 0"
+            )
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         warm, floor, cosine = self.hparams.warmup_steps, self.hparams.min_lr_ratio, self.hparams.schedule == "cosine"

@@ -21,8 +21,7 @@ import lightning as L
 
 from prosg.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SWEEP = REPO / "conf" / "sweep" / "pretrain.yaml"
+PRETRAIN_SWEEP = "sweep/pretrain.yaml"  # in prosg.paths.conf_dir()
 BACKBONE_DIR = "backbone"  # inside a run directory
 
 
@@ -69,15 +68,18 @@ def publish(run_dir: Path, out: Path, sweep_path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the pretraining sweep and publish every finished backbone."""
     p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", default=str(DEFAULT_SWEEP), help="the pretraining sweep (default: conf/sweep/pretrain.yaml)")
+    p.add_argument("--sweep", help="the pretraining sweep (default: conf/sweep/pretrain.yaml)")
     p.add_argument("--runs-dir", help="where the runs go (default: the sweep's out_dir)")
-    p.add_argument("--out", default=str(REPO / "assets" / "pretrained"), help="where the backbones are published")
+    p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
     p.add_argument("--steps", type=int, help="override trainer.max_steps (a shortened run, e.g. in CI)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
     args = p.parse_args(argv)
 
+    from prosg.paths import conf_dir
     from prosg.sweep import collect, expand, launch, load_sweep
 
+    if args.sweep is None:
+        args.sweep = str(conf_dir() / PRETRAIN_SWEEP)
     sweep = load_sweep(args.sweep, out_dir=args.runs_dir)
     if args.seeds:
         sweep.seeds = list(args.seeds)
