@@ -15,6 +15,7 @@ training and evaluation (LightningCLI; YAML in conf/, e.g. --config conf/experim
 
 ProSG commands:
   generate   a checkpoint + a prompt -> streamed continuation
+  lm-eval    free-running instruction following by distance (greedy + sampled) of a checkpoint or backbone
   data       build / show the constructed prompt-forgetting dataset
   demo       the built-in default run (small models, minutes on a CPU)
   pretrain   train + publish the backbones of the frozen-backbone setting (assets/pretrained)
@@ -59,6 +60,10 @@ def _dispatch(argv: list[str]) -> int:
         from prosg.generate_cli import main as generate_main
 
         return generate_main(rest)
+    if command == "lm-eval":
+        from prosg.lmeval import main as lmeval_main
+
+        return lmeval_main(rest)
     if command == "demo":
         from prosg.demo import main as demo_main
 

@@ -63,9 +63,9 @@ class ConstructedDataModule(BaseDataModule):
         val_overrides = dict(val_overrides or {})
         test_overrides = val_overrides if test_overrides is None else dict(test_overrides)
         self.split_tasks: dict[str, list[Task]] = {
-            "train": train_tasks,
-            "val": self._eval_tasks(train_tasks, eval_distance_scale, val_overrides, "val_overrides"),
-            "test": self._eval_tasks(train_tasks, eval_distance_scale, test_overrides, "test_overrides"),
+            "train": [t.for_split("train") for t in train_tasks],
+            "val": self._eval_tasks(train_tasks, eval_distance_scale, val_overrides, "val_overrides", "val"),
+            "test": self._eval_tasks(train_tasks, eval_distance_scale, test_overrides, "test_overrides", "test"),
         }
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -87,23 +87,25 @@ class ConstructedDataModule(BaseDataModule):
         """Each task's explicit ``bucket_edges`` (union), else doubling edges up to the longest distance
         generated, with each training task's longest distance + 1 as an edge (it replaces a doubling
         edge within 25 % of it), so the buckets past it hold only distances training never asked."""
-        tasks = [t for ts in self.split_tasks.values() for t in ts]
+        # plain-text tasks score nothing at a distance: their lengths leave the buckets alone
+        scored = {s: [t for t in ts if t.prompt_answers] or ts for s, ts in self.split_tasks.items()}
+        tasks = [t for ts in scored.values() for t in ts]
         if any(getattr(t, "bucket_edges", None) is not None for t in tasks):
             return sorted({e for t in tasks for e in t.edges})
         edges = sorted({e for t in tasks for e in t.edges})
         top = edges[-1]
-        for b in sorted({t.edges[-1] for t in self.split_tasks["train"]}):
+        for b in sorted({t.edges[-1] for t in scored["train"]}):
             if b < top:
                 edges = [e for e in edges if e in (0, top) or max(e, b) / min(e, b) >= 1.25] + [b]
         return sorted(set(edges))
 
     @staticmethod
-    def _eval_tasks(tasks: list[Task], scale: float, overrides: dict, knob: str) -> list[Task]:
+    def _eval_tasks(tasks: list[Task], scale: float, overrides: dict, knob: str, split: str) -> list[Task]:
         known = set().union(*(t.to_dict() for t in tasks)) - {"name"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"{knob} has knob(s) {unknown} that no task has; valid: {sorted(known)}")
-        return [t.scaled(scale).with_overrides(overrides) for t in tasks]
+        return [t.scaled(scale).with_overrides(overrides).for_split(split) for t in tasks]
 
     def setup(self, stage: str | None = None) -> None:
         self._warn_uneven(self.sizes)

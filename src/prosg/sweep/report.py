@@ -4,9 +4,12 @@
 per run: run, status, seed, the axes, then every metric, ``memory`` and ``trainable_params``),
 ``results.md`` (one row per grid cell: mean ± std over seeds of the headline metrics, then the
 memory and trainable parameters; then the forgetting table: accuracy and binding error per distance
-bucket, with the distances each bucket held, chance and the value-set ceiling) and PNG plots: ``forgetting.png`` (accuracy by distance from the
-prompt), ``acc_vs_rank.png`` (against a numeric ``rank`` axis) and ``acc_vs_memory.png`` (against the
-numbers a sample's memory holds, state + method, drawn when runs differ in it).
+bucket, with the distances each bucket held, chance and the value-set ceiling; then, for runs with the
+free-running instruction evaluation (``prosg.lmeval``), its compliance tables) and PNG plots:
+``forgetting.png`` (accuracy by distance from the prompt), ``acc_vs_rank.png`` (against a numeric
+``rank`` axis), ``acc_vs_memory.png`` (against the numbers a sample's memory holds, state + method,
+drawn when runs differ in it) and ``compliance_<mode>.png`` (free-running compliance by distance, per
+decoding mode).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from prosg.sweep.spec import Axis, Run, Sweep
 from prosg.sweep.tuning import best_per_cell, tuning_markdown
 
 MEMORY = results.SIZE_COLUMNS["memory"]
+FREE = "free"  # the slice of free-running metrics (prosg.lmeval), imported only when a run has them
 
 
 @dataclass
@@ -87,6 +91,12 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
                + results.forgetting_markdown(table, axis_names or ["run"]) + "\n")
         if sweep.tune is not None:
             md += "\n" + tuning_markdown(best_per_cell(done, sweep.tune, axis_names), sweep.tune, axis_names, split)
+        if any(f"/{FREE}/" in k for r in done for k in r["metrics"]):  # runs with prosg.lmeval.FreeRunningEval
+            from prosg import lmeval
+
+            free_md, free_plots = lmeval.sections(done, axis_names, out, sweep.name, plots)
+            md += free_md
+            files += free_plots
     md_path = out / "results.md"
     md_path.write_text(md)
     files.insert(1, md_path)

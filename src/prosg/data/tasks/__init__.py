@@ -14,7 +14,8 @@ batch contract (see ``prosg.data.collate``):
 
 Synthetic token vocabulary (``recall``, ``copy``): ids 0..4 are specials (``<pad> <bos> <sep>
 <set> <ask>``), then the task's symbols (keys then values for recall). ``instruction`` is text,
-tokenized by ``ByteTokenizer`` (ids 0..259, pad 256).
+tokenized by ``ByteTokenizer`` (ids 0..259, pad 256), and so is ``text`` (windows of English prose
+from ``prosg.data.corpus``, no prompt answers: for pretraining language models).
 
 One module per task (``base`` holds what they share). A new task is a module with a
 ``@register_task`` ``Task`` dataclass, plus its import line below.
@@ -44,9 +45,10 @@ from prosg.data.tasks.base import (
 from prosg.data.tasks.copy import CopyTask
 from prosg.data.tasks.instruction import InstructionTask
 from prosg.data.tasks.recall import RecallTask
+from prosg.data.tasks.text import TextTask
 
 __all__ = [
     "ASK", "BOS", "GENERATOR_VERSION", "N_SPECIAL", "PAD", "SEP", "SET", "SPECIAL_NAMES", "SPLIT_IDS", "TASKS",
     "Task", "byte_token_strs", "check_bucket_edges", "default_bucket_edges", "example_rng", "generate_example",
-    "make_task", "register_task", "tokenizer_token_strs", "CopyTask", "InstructionTask", "RecallTask",
+    "make_task", "register_task", "tokenizer_token_strs", "CopyTask", "InstructionTask", "RecallTask", "TextTask",
 ]

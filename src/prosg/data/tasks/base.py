@@ -70,6 +70,7 @@ class Task:
 
     name: ClassVar[str]
     joiner: ClassVar[str] = " "  # how ``token_strs`` are joined for display
+    prompt_answers: ClassVar[bool] = True  # False: plain text, nothing scored against the prompt (no distances)
 
     def generate(self, rng: np.random.Generator) -> dict[str, Any]:
         """One example (without ``meta``) drawn from ``rng``."""
@@ -119,6 +120,10 @@ class Task:
     def token_strs(self, ids: list[int]) -> list[str]:
         """Readable string per token id (for ``prosg data show``)."""
         raise NotImplementedError
+
+    def for_split(self, split: str) -> "Task":
+        """The task as ``split`` generates it (a text task reads that split of its corpus); default: itself."""
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable knobs, with ``name``; ``make_task`` inverts it."""
