@@ -15,7 +15,10 @@ from prosg.methods import Method
 from prosg.train import lightning_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(CONF.glob("experiment/*.yaml"))
+# real_*: recipes for a user's own checkpoint (a local path); tests/test_real_recipe.py runs them on small random
+# checkpoints written in those layouts, test_real_recipes_name_their_placeholders below parses them as shipped
+REAL = sorted(CONF.glob("experiment/real_*.yaml"))
+EXPERIMENTS = sorted(set(CONF.glob("experiment/*.yaml")) - set(REAL))
 MODELS = sorted(CONF.glob("model/*.yaml"))
 TINY_DATA = ["--data.init_args.train_size=8", "--data.init_args.batch_size=4", "--data.init_args.val_size=4",
              "--data.init_args.test_size=4"]
@@ -55,6 +58,19 @@ def test_every_backbone_x_method_trains_a_step(path, model, tmp_path):
     assert cli.trainer.global_step == 1
     assert type(cli.model.backbone).__name__ == yaml.safe_load(model.read_text())["class_path"].rsplit(".", 1)[1]
     assert "val/all/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_recipes_name_their_placeholders(path, tmp_path):
+    """As shipped, a real-checkpoint recipe parses and stops at its first /path/to/ placeholder, in one line."""
+    from prosg.errors import ProSGError
+
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["model"]["pretrained"].startswith("/path/to/") and cfg["model"]["freeze_backbone"] is True
+    assert cfg["data"]["init_args"]["tokenizer"].startswith("/path/to/") and cfg["trainer"] == "../trainer/gpu.yaml"
+    with pytest.raises(ProSGError, match="/path/to/") as err:
+        lightning_main(["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)

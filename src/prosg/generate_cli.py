@@ -71,8 +71,9 @@ def load_model(ckpt: str | None, pretrained: str | None, device: str = "cpu", dt
 class TextStream:
     """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out, [], ""
+    def __init__(self, tokenizer, out=None) -> None:
+        # sys.stdout when printing, not at import: it may have been replaced since (captured output, a notebook)
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
 
     def __call__(self, token: torch.Tensor) -> None:
         self.ids.append(int(token[0]))

@@ -360,7 +360,7 @@ def _letter_leak(rows: list[dict], group_of: Callable, group_names: Sequence[str
 def markdown(rows: list[dict], group_of: Callable, group_names: Sequence[str], split: str = "test") -> str:
     """Per mode: compliance (the rule's name written) by distance bucket, mean ± std over seeds, with binding
     errors, the distances each bucket held, chance and the value-set ceiling; first letter right and leaked
-    stories; then the teacher-forced proxy when the rows have it."""
+    stories. (The teacher-forced proxy of the same runs is the report's forgetting table.)"""
     keys = {k for r in rows for k in r["metrics"]}
     parts = []
     for mode in modes_in(keys, split):
@@ -371,10 +371,6 @@ def markdown(rows: list[dict], group_of: Callable, group_names: Sequence[str], s
                      "(bytes) the model wrote before the cue.\n\n" + results.forgetting_markdown(table, group_names)
                      + f"\n\nFirst letter right % (what the teacher-forced task scores) / stories that already named the "
                      f"asked trigger's name % ({mode}):\n\n" + _letter_leak(rows, group_of, group_names, split, where))
-    if any(k.startswith(f"{split}/{results.ALL}/{results.ACC}@") for k in keys):
-        table = results.forgetting_table(rows, group_of, split)
-        parts.append("### Teacher-forced proxy: the name's first byte after the task's own story (d = position of "
-                     "the name in the response)\n\n" + results.forgetting_markdown(table, group_names))
     return "\n\n".join(parts) + ("\n" if parts else "")
 
 
@@ -412,7 +408,8 @@ def plot(rows: list[dict], group_of: Callable, out: Path, title: str, split: str
             groups.setdefault("-".join(group_of(r)) or "all", []).append(r["metrics"])
         path = out / f"compliance_{mode}.png"
         if plots.forgetting_curves(groups, results.prefix(split, free_slice(mode)), path,
-                                   title=f"{title}: free-running compliance ({mode})"):
+                                   title=f"{title}: free-running compliance ({mode})",
+                                   ylabel="rule's name written (compliance)"):
             files.append(path)
     return files
 
@@ -425,7 +422,10 @@ def sections(rows: list[dict], axis_names: list[str], out: Path, title: str,
     if not done or not modes_in({k for r in done for k in r["metrics"]}, split):
         return "", []
     group_of = lambda r: [r["labels"].get(a, "–") for a in axis_names]  # noqa: E731
-    md = f"\n## Free-running instruction following ({split})\n\n" + markdown(done, group_of, axis_names or ["run"], split)
+    md = (f"\n## Free-running instruction following ({split})\n\nThe model writes its own story for d tokens after the "
+          "prompt, the cue `The <adjective> <trigger> named ` is appended, and the name it writes is checked against "
+          "the rule (prosg.lmeval); the teacher-forced proxy on the same checkpoints is the forgetting table above.\n\n"
+          + markdown(done, group_of, axis_names or ["run"], split))
     return md, plot(done, group_of, out, title, split) if plots else []
 
 

@@ -46,7 +46,8 @@ def _mean_band(stats: list[results.Stats]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s.mean for s in stats], dtype=float), np.array([s.band() for s in stats], dtype=float)
 
 
-def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, path: Path, title: str) -> bool:
+def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, path: Path, title: str,
+                      ylabel: str = "prompt-fact accuracy") -> bool:
     """Accuracy vs distance-bucket midpoint, one line per group (mean ± std band over its runs).
 
     ``groups``: label -> one metrics dict per seed. Returns False (and writes nothing) when no
@@ -71,7 +72,7 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
             ax.plot(xs[ok], ref[ok], style, color="gray", label=name)
     open_ended = "; the last bucket is open-ended" if results.is_open_bucket(points[-1][0]) else ""
     ax.set_xlabel(f"distance from the prompt (bucket midpoint{open_ended})")
-    ax.set_ylabel("prompt-fact accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     _finish(plt, fig, ax, path, title)
     return True

@@ -179,6 +179,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     flagged = 0
     for task_id, task in enumerate(dm.split_tasks[args.split]):
         examples = [ex for ex in (ds[i] for i in range(n)) if ex["meta"]["task_id"] == task_id]
+        if not task.prompt_answers:  # plain text: nothing in it answers the prompt
+            print(f"== {task.name} ({args.split}, {len(examples)} examples): no prompt answers, nothing to audit")
+            continue
         buckets = audit(examples, task, dm.bucket_edges)
         flagged += sum(bool(b.shortcuts()) for b in buckets)
         print(f"== {task.name} ({args.split}, {len(examples)} examples): shortcut solvers per distance bucket")

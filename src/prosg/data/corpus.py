@@ -7,9 +7,11 @@ one document, cleaned to prose: paragraphs (blank-line separated) that read as E
 at least ``MIN_WORDS`` words, ending like a sentence, mostly letters, no grammar rules (``::=``),
 interpreter sessions (``>>>``) or code lines — with whitespace collapsed, ``*emphasis*`` markers and
 bullets dropped and typographic quotes and dashes made ASCII; a document is its paragraphs joined by
-newlines. Documents go to ``test`` / ``val`` / ``train`` in the order of the sha256 of their topic
-name (test until it holds ``HELD_OUT`` of the characters, then val, the rest train), so no text is
-shared between splits and the split does not depend on dict order. The topics differ between Python
+newlines. pydoc repeats sections between topics (``augassign`` is part of ``assignment``), so topics
+that share a paragraph form one document (each paragraph kept once). Documents go to ``test`` /
+``val`` / ``train`` in the order of the sha256 of their first topic name (test until it holds
+``HELD_OUT`` of the characters, then val, the rest train; a document that would overfill a held-out
+split trains): no paragraph is shared between splits, and the split does not depend on dict order. The topics differ between Python
 versions: ``corpus_info`` records the version and the sha256 of every split's text.
 """
 
@@ -66,18 +68,46 @@ def _key(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
+def groups(docs: dict[str, list[str]]) -> list[list[str]]:
+    """Topics joined when they share a paragraph (pydoc repeats sections: ``augassign`` inside ``assignment``),
+    so that splitting by group shares no text; each group's topics sorted, groups by their first topic."""
+    parent = {name: name for name in docs}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    owner: dict[str, str] = {}
+    for name in sorted(docs):
+        for para in docs[name]:
+            if para in owner:
+                parent[root(name)] = root(owner[para])
+            owner.setdefault(para, name)
+    out: dict[str, list[str]] = {}
+    for name in sorted(docs):
+        out.setdefault(root(name), []).append(name)
+    return sorted(out.values())
+
+
 @functools.lru_cache(maxsize=1)
 def documents() -> dict[str, dict[str, str]]:
-    """split -> {topic: cleaned text}, the split assignment described in the module docstring."""
+    """split -> {group name: cleaned text}, the split assignment described in the module docstring."""
     import pydoc_data.topics
 
-    docs = {name: clean(text) for name, text in pydoc_data.topics.topics.items()}
-    docs = {k: v for k, v in docs.items() if v}
+    paragraphs = {name: [p for p in clean(text).split("\n") if p] for name, text in pydoc_data.topics.topics.items()}
+    paragraphs = {k: v for k, v in paragraphs.items() if v}
+    docs = {}
+    for group in groups(paragraphs):
+        unique = dict.fromkeys(p for name in group for p in paragraphs[name])  # first occurrence, in order
+        docs["+".join(group)] = "\n".join(unique)
     total = sum(len(v) for v in docs.values())
     out: dict[str, dict[str, str]] = {"test": {}, "val": {}, "train": {}}
     held = {"test": 0, "val": 0}
-    for name in sorted(docs, key=_key):
-        split = next((s for s in ("test", "val") if held[s] < HELD_OUT * total), "train")
+    for name in sorted(docs, key=lambda g: _key(g.split("+")[0])):
+        room = lambda s: held[s] < HELD_OUT * total and held[s] + len(docs[name]) <= 1.5 * HELD_OUT * total  # noqa: E731,B023
+        split = next((s for s in ("test", "val") if room(s)), "train")  # a document too big to hold out trains
         held[split] = held.get(split, 0) + len(docs[name])
         out[split][name] = docs[name]
     return out
@@ -100,7 +130,7 @@ def corpus_info() -> dict:
         "source": f"{SOURCE} (CPython documentation topics, stdlib), cleaned to prose by prosg.data.corpus",
         "python": sys.version.split()[0],
         "splits": {
-            s: {"topics": len(documents()[s]), "chars": len(split_text(s)),
+            s: {"topics": sum(len(g.split("+")) for g in documents()[s]), "chars": len(split_text(s)),
                 "sha256": hashlib.sha256(split_text(s).encode()).hexdigest()}
             for s in ("train", "val", "test")
         },
