@@ -18,7 +18,8 @@ tokenized by ``ByteTokenizer`` (ids 0..259, pad 256), and so is ``text`` (window
 from ``prosg.data.corpus``, no prompt answers: for pretraining language models).
 
 One module per task (``base`` holds what they share). A new task is a module with a
-``@register_task`` ``Task`` dataclass, plus its import line below.
+``@register_task`` ``Task`` dataclass (``ByteTask`` for a text task tokenized as bytes), plus its
+import line below.
 """
 
 from prosg.data.tasks.base import (
@@ -32,6 +33,7 @@ from prosg.data.tasks.base import (
     SPECIAL_NAMES,
     SPLIT_IDS,
     TASKS,
+    ByteTask,
     Task,
     byte_token_strs,
     check_bucket_edges,
@@ -49,6 +51,6 @@ from prosg.data.tasks.text import TextTask
 
 __all__ = [
     "ASK", "BOS", "GENERATOR_VERSION", "N_SPECIAL", "PAD", "SEP", "SET", "SPECIAL_NAMES", "SPLIT_IDS", "TASKS",
-    "Task", "byte_token_strs", "check_bucket_edges", "default_bucket_edges", "example_rng", "generate_example",
+    "ByteTask", "Task", "byte_token_strs", "check_bucket_edges", "default_bucket_edges", "example_rng", "generate_example",
     "make_task", "register_task", "tokenizer_token_strs", "CopyTask", "InstructionTask", "RecallTask", "TextTask",
 ]

@@ -149,6 +149,27 @@ class Task:
         }
 
 
+class ByteTask(Task):
+    """A task written as text and tokenized as UTF-8 bytes (``ByteTokenizer``: ids 0..259, pad 256)."""
+
+    joiner: ClassVar[str] = ""
+
+    @property
+    def tokenizer(self) -> ByteTokenizer:
+        return ByteTokenizer()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return byte_token_strs(ids, {v: k for k, v in self.tokenizer.special_ids.items()})
+
+
 def draw_distance(rng: np.random.Generator, allowed: list[int], edges: list[int]) -> int:
     """One of ``allowed`` distances: a distance bucket uniformly, then a distance in it uniformly.
 

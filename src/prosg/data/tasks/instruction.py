@@ -9,15 +9,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from prosg.data.tasks.base import (
-    Task,
-    byte_token_strs,
+    ByteTask,
     check_bucket_edges,
     default_bucket_edges,
     draw_distance,
     register_task,
     require,
 )
-from prosg.data.tokenizers import ByteTokenizer
 
 # Closed word lists. Names have distinct first letters, so the first byte of a name decides it;
 # names and triggers never occur in filler, and no filler word ends in "ed", so the only "named "
@@ -43,7 +41,7 @@ CUE = "named "  # the trigger sentence: "The <adj> <trigger> named <name> <verb>
 
 @register_task
 @dataclass
-class InstructionTask(Task):
+class InstructionTask(ByteTask):
     """Naming instructions in the prompt, one of them needed once, late in a story (byte-tokenized).
 
     Prompt: ``In your story, the dog is named falcon, the bird is named comet.`` (``n_facts`` rules,
@@ -59,7 +57,6 @@ class InstructionTask(Task):
     """
 
     name: ClassVar[str] = "instruction"
-    joiner: ClassVar[str] = ""
 
     n_facts: int = 2
     n_keywords: int = 16
@@ -95,10 +92,6 @@ class InstructionTask(Task):
             self.bucket_edges = check_bucket_edges(self.bucket_edges, "instruction: bucket_edges")
 
     @property
-    def tokenizer(self) -> ByteTokenizer:
-        return ByteTokenizer()
-
-    @property
     def distance_range(self) -> list[int]:
         default = [len("The "), max(len("The "), self.response_len - self._longest_sentence())]
         return list(self.query_distances) if self.query_distances is not None else default
@@ -116,14 +109,6 @@ class InstructionTask(Task):
     @property
     def slice_n(self) -> int:
         return self.n_facts
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
 
     @property
     def max_prompt_len(self) -> int:
@@ -212,6 +197,3 @@ class InstructionTask(Task):
             lo, hi = self.query_distances
             qd = [lo, int(round(hi * scale))]
         return dataclasses.replace(self, response_len=r, query_distances=qd)
-
-    def token_strs(self, ids: list[int]) -> list[str]:
-        return byte_token_strs(ids, {v: k for k, v in self.tokenizer.special_ids.items()})

@@ -9,15 +9,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from prosg.data.tasks.base import Task, byte_token_strs, register_task, require
-from prosg.data.tokenizers import ByteTokenizer
+from prosg.data.tasks.base import ByteTask, register_task, require
 
 CORPORA = ("pydoc",)  # prosg.data.corpus: the CPython documentation topics every Python install carries
 
 
 @register_task
 @dataclass
-class TextTask(Task):
+class TextTask(ByteTask):
     """A window of ``window_len`` bytes of English prose, every byte trained (byte-tokenized).
 
     Prompt: ``<bos> <sep>`` (nothing to remember); response: the window, starting at a word, from
@@ -29,7 +28,6 @@ class TextTask(Task):
     """
 
     name: ClassVar[str] = "text"
-    joiner: ClassVar[str] = ""
     prompt_answers: ClassVar[bool] = False
 
     window_len: int = 256
@@ -41,18 +39,6 @@ class TextTask(Task):
         require(self.corpus in CORPORA, f"text: corpus={self.corpus!r}; choose one of {list(CORPORA)}")
         require(self.corpus_split in (None, "train", "val", "test"),
                 f"text: corpus_split={self.corpus_split!r}; use null (the split generated), train, val or test")
-
-    @property
-    def tokenizer(self) -> ByteTokenizer:
-        return ByteTokenizer()
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
 
     @property
     def slice_n(self) -> int:
@@ -93,6 +79,3 @@ class TextTask(Task):
 
     def shortcut_baselines(self, answer_index: int) -> dict[str, float]:
         return {}  # never asked: a text example has no prompt answers
-
-    def token_strs(self, ids: list[int]) -> list[str]:
-        return byte_token_strs(ids, {v: k for k, v in self.tokenizer.special_ids.items()})
