@@ -270,8 +270,9 @@ class SGHead(nn.Module):
         for t in sorted(self.targets, key=lambda t: (t.block, t.index)):
             t.slot = len(self.by_block.setdefault(t.block, []))
             self.by_block[t.block].append(t)
-        # the order of a batched computation over all targets: equal output widths consecutive
-        self.batch_order = sorted(self.targets, key=lambda t: (t.d_out, t.index))
+        # the order of a batched computation over all targets: equal output widths consecutive, and
+        # within them the blocks in turn (a block's k-th target, then the next block's)
+        self.batch_order = sorted(self.targets, key=lambda t: (t.d_out, t.slot, t.block))
         self._backbone_ref = [backbone]
         n, d_ctx, h = len(self.targets), backbone.d_model, self.d_hidden
         self.layer_emb = nn.Embedding(n, self.d_layer_emb)
@@ -303,30 +304,35 @@ class SGHead(nn.Module):
         return self._backbone_ref[0]
 
     # -- the method ------------------------------------------------------------------------
-    def features(self, h: Tensor, targets: Sequence[Target], block_of: Tensor | None = None) -> Tensor:
+    def features(self, h: Tensor, targets: Sequence[Target], block_of: Sequence[int] | None = None) -> Tensor:
         """Shared trunk over block contexts H (nb, B, P, D) for ``targets`` -> (k, B, P, d_hidden).
 
         Target j reads context ``block_of[j]`` (None: the only one, nb = 1). The trunk's first layer
         reads [LN(H), e_ℓ]; its weight is applied in two parts, so the H part is computed once per
         block and each target only adds the image of its embedding."""
         first, second = self.trunk[0], self.trunk[2]
-        d = h.shape[-1]
+        nb, d = h.shape[0], h.shape[-1]
         z = F.linear(self.ctx_norm(h), first.weight[:, :d])  # (nb, B, P, h)
-        if block_of is not None:
-            z = z.index_select(0, block_of)  # (k, B, P, h)
         c = F.linear(self.layer_emb.weight[_rows(targets)], first.weight[:, d:], first.bias)  # (k, h)
-        return F.gelu(second(F.gelu(z + c[:, None, None])))
+        if block_of is None:
+            pre = z + c[:, None, None]
+        elif list(block_of) == list(range(nb)) * (len(targets) // nb):  # blocks in turn: a broadcast
+            pre = (z + c.view(-1, nb, 1, 1, c.shape[-1])).flatten(0, 1)
+        else:
+            pre = z.index_select(0, torch.tensor(list(block_of), device=z.device)) + c[:, None, None]
+        return F.gelu(second(F.gelu(pre)))
 
     def slot_weights(self, feats: Tensor, targets: Sequence[Target], mask: Tensor) -> Tensor:
         """Attention of each target's r slot queries over the prompt positions: features (k, B, P, h),
         mask (B, P) -> α (k, B, r, P).
 
-        A query q scores position p by q · K f_p = (q K) · f_p: the keys are never formed."""
+        A query q scores position p by q · K f_p = (q K) · f_p: the keys are never formed. The scores
+        are made as (k, r, B·P), with the rank as the small outer side of the product."""
         k, B, P, h = feats.shape
         queries = self.slot_queries[_rows(targets)] @ self.slot_keys.weight  # (k, r, h)
-        scores = (feats.reshape(k, B * P, h) @ queries.mT).view(k, B, P, self.rank)
-        scores = scores.masked_fill(~mask[None, :, :, None], float("-inf")) / math.sqrt(self.d_hidden)
-        return torch.softmax(scores, dim=2).transpose(2, 3)
+        scores = (queries @ feats.reshape(k, B * P, h).mT).view(k, self.rank, B, P)
+        scores = scores.masked_fill(~mask, float("-inf")) / math.sqrt(self.d_hidden)
+        return torch.softmax(scores, dim=-1).transpose(1, 2)
 
     def _needs_features(self, oracle: bool) -> bool:
         return not oracle or self.compression == "slots"
@@ -465,8 +471,7 @@ class SGHead(nn.Module):
         if self._needs_features(s.oracle is not None):
             blocks = list(self.by_block)
             h = torch.stack([s.context[b] for b in blocks])  # (nb, B, P, D)
-            block_of = torch.tensor([blocks.index(t.block) for t in targets], device=h.device)
-            feats = self.features(h, targets, block_of if len(blocks) > 1 else None)
+            feats = self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
             if self.compression == "slots":
                 alpha = self.slot_weights(feats, targets, cur.mask)
         grads = None if s.oracle is None else [s.oracle[t.name][:, : cur.P] for t in targets]
