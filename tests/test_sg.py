@@ -298,7 +298,7 @@ def test_dropout_mask_comes_from_the_method_generator_and_resumes():
 
 
 def test_low_rank_add_gradients():
-    from prosg.sg.head import LowRankAdd
+    from prosg.sg.inject import LowRankAdd
 
     torch.manual_seed(0)
     args = [torch.randn(2, 5, 3, dtype=torch.double, requires_grad=True),  # out (B, L, o)

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from prosg.backbones.base import Backbone, BackboneOutput, State
 from prosg.errors import ConfigError
 from prosg.methods.base import Method, MethodOutput
-from prosg.sg.head import Session, SGHead
+from prosg.sg.head import SGHead
+from prosg.sg.session import Session
 
 
 class ProSG(Method):

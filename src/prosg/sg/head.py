@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,170 +33,10 @@ from torch import Tensor, nn
 
 from prosg.errors import ConfigError
 from prosg.sg.compress import COMPRESSIONS, compress
+from prosg.sg.inject import ForwardPatch, add_low_rank
+from prosg.sg.session import Pass, Session, Target
 
 MODES = ("synthetic", "oracle")
-
-
-@dataclass
-class Target:
-    """One linear layer the head writes a delta into."""
-
-    name: str
-    index: int  # position among the head's targets (selects e_ℓ, η_ℓ, slot queries)
-    block: int  # index of the residual block that contains it
-    d_in: int
-    d_out: int
-    slot: int = 0  # position among its block's targets
-
-
-@dataclass
-class Pass:
-    """What one parallel forward shares between its hooks (made at the first targeted block)."""
-
-    P: int  # prompt positions read: min(max prompt_len, L)
-    mask: Tensor  # (B, P) True at the prompt positions of each sample
-    after: Tensor | None = None  # (B, 1, L) 1 at the positions after each prompt (they get the delta)
-    neg_eta: Sequence[Tensor] = ()  # −η_ℓ per target
-    features: dict[int, Tensor] = field(default_factory=dict)  # block -> trunk features (k, B, P, d_hidden)
-    alpha: dict[int, Tensor] = field(default_factory=dict)  # block -> slot weights (k, B, r, P)
-
-
-@dataclass
-class Session:
-    """Per-batch state shared by the hooks."""
-
-    prompt_len: Tensor  # (B,)
-    eta: Tensor  # (n_targets,) the step sizes η_ℓ of this batch (SGHead.step_sizes())
-    index: dict[str, int]  # target name -> position in eta
-    oracle: dict[str, Tensor] | None = None  # target name -> ∂L_prompt/∂Y (B, P, o)
-    stepping: bool = False
-    defer: bool = False  # parallel passes only record the prompts; compute() makes every delta at once
-    context: dict[int, Tensor] = field(default_factory=dict)  # block -> H (B, P, D) at the prompt positions
-    inputs: dict[str, Tensor] = field(default_factory=dict)  # name -> X (B, P, i) recorded by a deferred pass
-    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (U (B,o,r), V (B,i,r))
-    synthetic: dict[str, Tensor] = field(default_factory=dict)  # name -> Δ̂ (B, P, o), for the aux loss
-    current: Pass | None = None  # the parallel pass in progress (or the deferred pass recorded)
-    compute: Callable[[], None] = lambda: None  # a deferred session's: every target's factors from the record
-
-    step_factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (V, −η Uᵀ)
-    linears: dict[str, nn.Module] = field(default_factory=dict)  # name -> the patched target linear
-    hooks: dict[str, Any] = field(default_factory=dict)  # name -> removable hook or forward patch
-    merged: dict[str, Tensor] = field(default_factory=dict)  # name -> original weight, while merged
-
-    def start_steps(self) -> None:
-        """From now on every forward gets the stored deltas at every position (generated tokens, or a
-        response continuing from the prompt's state)."""
-        if self.defer and not self.factors:
-            self.compute()
-        if not self.factors:
-            raise RuntimeError("start_steps() before a prompt pass computed the deltas")
-        # fold −η into U once, so each generated token costs two small batched matmuls per layer
-        neg_eta = (-self.eta).unbind(0)
-        # without autograd (decoding) V is read as (B, i, r) by every step: lay it out so, once
-        layout = (lambda v: v) if torch.is_grad_enabled() else (lambda v: v.contiguous())
-        self.step_factors = {n: (layout(v), (neg_eta[self.index[n]] * u.mT).contiguous()) for n, (u, v) in self.factors.items()}
-        self.stepping = True
-        self.current = None
-        for name in [n for n in self.hooks if n not in self.linears]:  # block-context hooks: not needed while stepping
-            self.hooks.pop(name).remove()
-        if self.prompt_len.numel() == 1 and not torch.is_grad_enabled():
-            self._merge()
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only samples ``rows`` in the stepping deltas (a later forward carries just those samples)."""
-        if not self.stepping:
-            raise RuntimeError("select() applies to the stepping deltas: call start_steps() first")
-        self.step_factors = {n: (v[rows], u[rows]) for n, (v, u) in self.step_factors.items()}
-
-    @contextmanager
-    def only(self, rows: Tensor) -> Iterator[None]:
-        """Within the block, the stepping deltas are those of samples ``rows`` (restored after)."""
-        kept = self.step_factors
-        self.select(rows)
-        try:
-            yield
-        finally:
-            self.step_factors = kept
-
-    def _merge(self) -> None:
-        # One sample, no autograd: fold ΔW = −η U Vᵀ into W (as LoRA merges) and drop the patches,
-        # so generating with the head costs what generating without it does. Undone on exit.
-        with torch.no_grad():
-            for name, (v, u_scaled) in self.step_factors.items():
-                weight = self.linears[name].weight
-                self.merged[name] = weight.detach().clone()
-                weight.add_((v[0] @ u_scaled[0]).T.to(weight.dtype))
-        for handle in self.hooks.values():
-            handle.remove()
-        self.hooks.clear()
-
-    def close(self) -> None:
-        """Remove the hooks and patches and restore merged weights."""
-        with torch.no_grad():
-            for name, original in self.merged.items():
-                self.linears[name].weight.copy_(original)
-        self.merged.clear()
-        for handle in self.hooks.values():
-            handle.remove()
-        self.hooks.clear()
-        self.current = None
-
-
-class LowRankAdd(torch.autograd.Function):
-    """y = out + ((x Vtᵀ) ⊙ m) Ut per sample: x (B, L, i), Vt (B, r, i), Ut (B, r, o), out (B, L, o), and an
-    optional constant 0/1 mask m (B, 1, L) of the positions that get the delta.
-
-    Autograd would compute x Vtᵀ as (B, L, r) and its gradients with r as the narrow inner side of
-    each product; here every product is laid out with the rank as its small *outer* dimension
-    (Vt xᵀ is (B, r, L)), which small-matrix GEMMs on CPU run 2-4x faster."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor, vt: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
-        xvt = torch.bmm(vt, x.mT)  # (B, r, L)
-        if mask is not None:
-            mask = mask.to(xvt.dtype)
-            xvt = xvt * mask
-        ctx.save_for_backward(x, vt, ut, xvt, mask)
-        return torch.baddbmm(out, xvt.mT, ut)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
-        x, vt, ut, xvt, mask = ctx.saved_tensors
-        g_xvt = torch.bmm(ut, gy.mT)  # (B, r, L)
-        if mask is not None:
-            g_xvt = g_xvt * mask
-        g_x = torch.bmm(g_xvt.mT, vt) if ctx.needs_input_grad[1] else None
-        g_vt = torch.bmm(g_xvt, x) if ctx.needs_input_grad[2] else None
-        g_ut = torch.bmm(xvt, gy) if ctx.needs_input_grad[3] else None
-        return gy, g_x, g_vt, g_ut, None
-
-
-def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
-    """out + ((x V) ⊙ mask) Ut for x (B, L, i), V (B, i, r), Ut (B, r, o): ``LowRankAdd`` under autograd,
-    else two plain batched matmuls (a decoding step's x·V is a row vector per sample, for which this
-    layout is the fast one)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, v, ut)):
-        return LowRankAdd.apply(out, x, v.mT, ut, mask)
-    xv = torch.bmm(x, v)
-    return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(xv.dtype), ut)
-
-
-class ForwardPatch:
-    """Replaces one module's ``forward`` until ``remove()``: an instance attribute over the class method,
-    so calls skip hook dispatch (``nn.Module.__call__`` takes its fast path)."""
-
-    def __init__(self, module: nn.Module, forward: Callable[[Tensor], Tensor]) -> None:
-        if "forward" in vars(module):
-            raise RuntimeError(
-                f"{type(module).__name__} already has a patched forward: one SG session per backbone at a time"
-            )
-        self.module: nn.Module | None = module
-        module.forward = forward
-
-    def remove(self) -> None:
-        if self.module is not None:
-            del self.module.forward
-            self.module = None
 
 
 class SGHead(nn.Module):
