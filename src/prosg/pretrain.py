@@ -2,10 +2,10 @@
 
 A pretraining sweep (default ``conf/sweep/pretrain.yaml``) trains plain backbones on the task's
 short distances; every run ends by saving its backbone (``ExportBackbone``). The command then copies
-each one into ``--out`` (default ``assets/pretrained``) as ``<run>/`` in ProSG's native layout
-(``config.json`` + ``pytorch_model.bin``), with ``provenance.json``: the sweep file, the run's full
-arguments and seed, its validation and test metrics, and the weights' sha256. Experiments load them
-with ``model.pretrained: assets/pretrained/<run>`` and freeze them.
+each one into ``--out`` (default ``assets/pretrained``) as ``<run>/`` in the family's native layout
+(``config.json`` + ``pytorch_model.bin``; RWKV: BlinkDL's ``model.pth``), with ``provenance.json``: the
+sweep file, the run's full arguments and seed, its validation and test metrics, and the weights'
+sha256. Experiments load them with ``model.pretrained: assets/pretrained/<run>`` and freeze them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import lightning as L
 
@@ -44,9 +45,14 @@ def sha256(path: Path) -> str:
 
 def publish(run_dir: Path, out: Path, sweep_path: Path) -> Path:
     """Copy a finished pretraining run's backbone to ``out/<run>`` with its provenance."""
+    from prosg.backbones import detect_format
+    from prosg.errors import CheckpointError
+
     src = run_dir / BACKBONE_DIR
-    if not (src / "config.json").is_file():
-        raise ConfigError(f"{run_dir} has no exported backbone ({BACKBONE_DIR}/); was it run with ExportBackbone?")
+    try:  # the family's own layout: config.json + weights, or a BlinkDL .pth for RWKV
+        detect_format(src)
+    except CheckpointError:
+        raise ConfigError(f"{run_dir} has no exported backbone ({BACKBONE_DIR}/); was it run with ExportBackbone?") from None
     dest = out / run_dir.name
     if dest.exists():
         shutil.rmtree(dest)
@@ -65,29 +71,42 @@ def publish(run_dir: Path, out: Path, sweep_path: Path) -> Path:
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run (or resume) the pretraining sweep and publish every finished backbone."""
-    p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", help="the pretraining sweep (default: conf/sweep/pretrain.yaml)")
+def sweep_options(p: argparse.ArgumentParser, default: str) -> None:
+    """The options of a command that runs a sweep first: --sweep, --runs-dir, --steps, --seeds."""
+    p.add_argument("--sweep", help=f"the sweep file (default: conf/{default})")
     p.add_argument("--runs-dir", help="where the runs go (default: the sweep's out_dir)")
-    p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
     p.add_argument("--steps", type=int, help="override trainer.max_steps (a shortened run, e.g. in CI)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
-    args = p.parse_args(argv)
 
+
+def run_sweep(args: argparse.Namespace, default: str,
+              check: Callable[[list[Any]], None] | None = None) -> tuple[Any, list[Any], Any]:
+    """Load the sweep of ``args`` (its --steps / --seeds applied), ``check`` its runs, run or resume them, collect
+    them: (sweep, runs, collected)."""
     from prosg.paths import conf_dir
     from prosg.sweep import collect, expand, launch, load_sweep
 
     if args.sweep is None:
-        args.sweep = str(conf_dir() / PRETRAIN_SWEEP)
+        args.sweep = str(conf_dir() / default)
     sweep = load_sweep(args.sweep, out_dir=args.runs_dir)
     if args.seeds:
         sweep.seeds = list(args.seeds)
     if args.steps:
         sweep.overrides.update({"trainer.max_steps": args.steps, "trainer.val_check_interval": args.steps})
     runs = expand(sweep)
+    if check is not None:
+        check(runs)
     launch(sweep, runs)
-    collected = collect(sweep, runs, plots=False)
+    return sweep, runs, collect(sweep, runs, plots=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the pretraining sweep and publish every finished backbone."""
+    p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
+    sweep_options(p, PRETRAIN_SWEEP)
+    p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
+    args = p.parse_args(argv)
+    sweep, runs, collected = run_sweep(args, PRETRAIN_SWEEP)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in runs:
