@@ -42,10 +42,16 @@ class StepRecorder(L.Callback):
 
     def __init__(self) -> None:
         self.steps: dict[int, dict] = {}
+        self.start: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        moved = sum(float((p.detach() - p0).square().sum()) for p, p0 in zip(pl_module.parameters(), self.start))
         self.steps[trainer.global_step] = {
             "loss": float(outputs["loss"]),
+            "moved": moved ** 0.5,  # distance of the weights from their initial values
             "weight": float(batch["loss_weight"].sum()),
             "index": batch["index"].tolist(),
         }
@@ -100,7 +106,9 @@ def test_two_process_ddp_matches_single_process(tmp_path, monkeypatch):
         # ... with equal weight per rank, so the mean of the per-rank losses is the global loss
         assert r0[s]["weight"] == r1[s]["weight"] == one[s]["weight"] / 2
         assert (r0[s]["loss"] + r1[s]["loss"]) / 2 == pytest.approx(one[s]["loss"], rel=1e-5)
-    assert one[STEPS]["loss"] < one[1]["loss"]  # it trains, so equal losses at step 4 mean equal updates
+        # the weights move, and by the same amount in both runs: equal losses mean equal updates
+        assert one[s]["moved"] > 0
+        assert r0[s]["moved"] == r1[s]["moved"] == pytest.approx(one[s]["moved"], rel=1e-4)
 
     # val (after fit) and test metrics: synchronised over ranks, written once by rank 0
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (ddp, single))

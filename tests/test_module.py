@@ -68,6 +68,18 @@ def test_fit_trains_and_resumes_mid_epoch_identically(sg_run):
         assert again[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
 
 
+def test_prompt_state_dropout_resumes_mid_epoch_identically(tmp_path):
+    """The dropout mask's generator travels in the checkpoint: a resumed run drops the samples the
+    uninterrupted one dropped, so its losses are the same from the first step after resume."""
+    args = [*fit_args(tmp_path, steps=6), "--model.method.init_args.prompt_state_dropout=0.5"]
+    first = recorder(lightning_main(["fit", *args])).losses
+    ckpt = next(p for p in glob.glob(f"{tmp_path}/ck/*.ckpt") if "step=3" in p)
+    again = recorder(lightning_main(["fit", *args, f"--ckpt_path={ckpt}"])).losses
+    assert sorted(again) == [4, 5, 6]
+    for step in again:
+        assert again[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
+
+
 def test_validate_and_generate_from_sg_checkpoint(sg_run, capsys):
     tmp, _ = sg_run
     ckpt = next(p for p in glob.glob(f"{tmp}/ck/*.ckpt") if "step=6" in p)

@@ -108,13 +108,14 @@ def test_recycled_prompt_has_the_targets_shape():
 # -- SG heads -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt", "rwkv7", "mamba"])
 @pytest.mark.parametrize("recycler", ["identity", "linear"])
-def test_recycled_head_on_an_identical_backbone_gives_the_same_numbers(family, recycler):
+@pytest.mark.parametrize("plen", [[4, 6], [5, 5]], ids=["one-pass", "deferred"])  # equal prompts: every delta at once
+def test_recycled_head_on_an_identical_backbone_gives_the_same_numbers(family, recycler, plen):
     src = trained(ProSG(rank=4), tiny(family))
     target = copy.deepcopy(src.backbone)
     rec = recycle(src, target, recycler)
     rec.attach(target)
     ids = torch.randint(1, V, (2, 10))
-    a, b = logits(rec, ids, [4, 6]), logits(src, ids, [4, 6])
+    a, b = logits(rec, ids, plen), logits(src, ids, plen)
     if recycler == "identity":
         assert torch.equal(a, b)
     else:  # fitted maps of identical hidden states are the identity (to float precision)

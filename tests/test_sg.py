@@ -227,6 +227,104 @@ def test_prompt_state_dropout_runs_responses_on_the_delta_alone(name):
     torch.testing.assert_close(module({"input_ids": ids, "prompt_len": plen}).logits, full)
 
 
+def double_pass_reference(method: ProSG, ids, plen, drop):
+    """Prompt-state dropout as it was first implemented: every sample's prompt + response in one pass, then
+    the dropped samples' responses again from an empty state (the generation path), written over theirs."""
+    bb, head = method.backbone, method.head
+    with head.session(plen) as s:
+        logits = bb.forward_embeds(bb.embed(ids)).logits
+        if not drop.any():
+            return logits
+        rows = drop.nonzero().squeeze(1)
+        T = ids.shape[1]
+        R = int(T - plen[rows].min())
+        idx = plen[rows, None] + torch.arange(R)
+        valid = idx < T
+        resp = torch.where(valid, ids[rows].gather(1, idx.clamp(max=T - 1)), 0)
+        s.start_steps()
+        s.select(rows)
+        resp_logits = bb.forward_embeds(bb.embed(resp)).logits
+        out = logits.clone()
+        out[rows[:, None].expand_as(idx)[valid], idx[valid]] = resp_logits[valid]
+    return out
+
+
+@pytest.mark.parametrize("prompts", ["equal", "ragged"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dropout_runs_each_response_once_with_the_double_pass_numbers(name, prompts):
+    """ProSG.forward (each response once: equal prompts continue from the prompts' state, emptied for the
+    dropped samples; ragged ones split kept / dropped samples) gives the double pass's logits, loss and
+    gradients for the same dropout mask — and without dropout those of the one-pass session."""
+    torch.manual_seed(0)
+    method = ProSG(rank=4, prompt_state_dropout=0.5)
+    module = ProSGModule(backbone=tiny(name), method=method, freeze_backbone=False).train()
+    randomize(method.head, 0.05)
+    ids = torch.randint(1, V, (6, 12))
+    plen = torch.tensor([4] * 6) if prompts == "equal" else torch.tensor([4, 6, 3, 4, 5, 6])
+    weight = torch.rand(6, 12)  # a loss over every position, so every logit's gradient counts
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def loss_and_grads(logits):
+        loss = (F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * weight).sum()
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    for drop in (torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.bool), torch.ones(6, dtype=torch.bool),
+                 torch.zeros(6, dtype=torch.bool)):
+        method.draw_dropout = lambda n, drop=drop: drop
+        new = module({"input_ids": ids, "prompt_len": plen}).logits
+        ref = double_pass_reference(method, ids, plen, drop)
+        torch.testing.assert_close(new, ref, atol=2e-5, rtol=1e-4)
+        (l_new, g_new), (l_ref, g_ref) = loss_and_grads(new), loss_and_grads(
+            double_pass_reference(method, ids, plen, drop))
+        torch.testing.assert_close(l_new, l_ref, atol=1e-4, rtol=1e-5)
+        for a, b in zip(g_new, g_ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_dropout_mask_comes_from_the_method_generator_and_resumes():
+    """The mask is drawn from the method's own generator (not torch's global stream), which extra_state carries."""
+    method = ProSG(rank=4, prompt_state_dropout=0.5)
+    ProSGModule(backbone=tiny("mamba"), method=method, freeze_backbone=False).train()
+    state = method.extra_state()
+    torch.manual_seed(123)
+    first = [method.draw_dropout(16) for _ in range(3)]
+    torch.manual_seed(456)  # the global stream does not matter
+    method.load_extra_state(state)
+    assert all(torch.equal(a, method.draw_dropout(16)) for a in first)
+    method.eval()
+    assert method.draw_dropout(16) is None
+
+
+def test_low_rank_add_gradients():
+    from prosg.sg.inject import LowRankAdd
+
+    torch.manual_seed(0)
+    args = [torch.randn(2, 5, 3, dtype=torch.double, requires_grad=True),  # out (B, L, o)
+            torch.randn(2, 5, 4, dtype=torch.double, requires_grad=True),  # x (B, L, i)
+            torch.randn(2, 2, 4, dtype=torch.double, requires_grad=True),  # Vt (B, r, i)
+            torch.randn(2, 2, 3, dtype=torch.double, requires_grad=True)]  # Ut (B, r, o)
+    mask = (torch.rand(2, 1, 5) > 0.3).double()
+    assert torch.autograd.gradcheck(lambda *a: LowRankAdd.apply(*a, mask), args)
+    out, x, vt, ut = args
+    torch.testing.assert_close(LowRankAdd.apply(out, x, vt, ut, mask), out + ((x @ vt.mT) * mask.mT) @ ut)
+
+
+def test_one_session_per_backbone():
+    from prosg.backbones.kernels.mamba_cuda import has_hooks
+
+    bb, head = attached("mamba")
+    mixer = bb.blocks[0].mixer
+    with head.session(torch.tensor([3])):
+        assert has_hooks(mixer.in_proj)  # a patched forward keeps Mamba's fused CUDA path (which skips it) off
+        with pytest.raises(RuntimeError, match="one SG session per backbone"):
+            with head.session(torch.tensor([3])):
+                pass
+    assert not any("forward" in vars(m) for m in bb.modules())  # every patch removed
+    assert not has_hooks(mixer.in_proj)
+
+
 def test_prompt_state_dropout_range():
     with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):
         ProSG(rank=2, prompt_state_dropout=1.0)

@@ -83,7 +83,7 @@ def test_overrides_merge_order_and_formatting(tmp_path):
     # common overrides, then axes in order, then the seed; a replaced key moves to the end
     assert list(run.overrides) == [
         "trainer.max_steps", "model.backbone", "model.backbone.init_args.d_model", "model.method", "model.lr",
-        "model.method.init_args.rank", "seed_everything",
+        "model.method.init_args.rank", "seed_everything", "data.init_args.seed",
     ]
     assert run.overrides["model.lr"] == 0.2 and run.overrides["seed_everything"] == 1
     args = run.args()
@@ -114,7 +114,8 @@ def test_structured_label_axis_with_when(tmp_path):
     body = "axes:\n  a: {x: {}, z: {}}\n  c: {values: {y: {model.lr: 1}, w: null}, when: {a: x}}\n"
     runs = expand(load_sweep(write_sweep(tmp_path, body)))
     assert [r.name for r in runs] == ["x-y-s0", "x-w-s0", "z-s0"]
-    assert runs[0].overrides == {"model.lr": 1, "seed_everything": 0} and runs[1].axes == {"a": "x", "c": "w"}
+    assert runs[0].overrides == {"model.lr": 1, "seed_everything": 0, "data.init_args.seed": 0}
+    assert runs[1].axes == {"a": "x", "c": "w"}
 
 
 def test_duplicate_run_names_are_rejected(tmp_path):
@@ -126,18 +127,20 @@ def test_duplicate_run_names_are_rejected(tmp_path):
         expand(load_sweep(write_sweep(tmp_path, body)))
 
 
+# hand-counted grids of the shipped sweeps (a sweep not listed is checked for self-consistency only)
 EXPECTED_RUNS = {"smoke": 4, "demo": 15, "methods": 15, "recall_methods": 36, "rank_ablation": 22, "state_size": 20,
-                 "pretrain": 2, "frozen": 12, "recycle": 40}
+                 "compare_joint": 72, "pretrain": 2, "frozen": 12, "recycle": 40}
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_conf_sweep_expands(path, tmp_path, capsys):
     assert prosg_main(["sweep", str(path), "--dry-run", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{EXPECTED_RUNS[path.stem]} runs ")
     sw = load_sweep(path)
     runs = expand(sw)
-    assert len(runs) == EXPECTED_RUNS[path.stem] and all(f"{r.name} [new]: --config" in out for r in runs)
+    expected = EXPECTED_RUNS.get(path.stem, len(runs))
+    assert out.startswith(f"{expected} runs ")
+    assert len(runs) == expected and all(f"{r.name} [new]: --config" in out for r in runs)
     for r in runs:  # every config path the sweep refers to exists
         for v in r.overrides.values():
             if isinstance(v, str) and v.endswith(".yaml"):
@@ -467,3 +470,14 @@ def test_interrupted_sweep_ends_with_its_summary_and_resumes(tmp_path):
     assert read_status(out / "s0")["status"] == "interrupted"
     assert not (out / "s1" / "status.json").exists() and not (out / "s1" / "log.txt").exists()
     assert (out / "results.md").is_file() and "s0 — interrupted" in (out / "results.md").read_text()
+
+
+def test_seeds_redraw_the_data_by_default_and_templates_fill_in_the_seed(tmp_path):
+    runs = expand(load_sweep(write_sweep(tmp_path, "seeds: [3, 4]\n")))
+    assert [(r.overrides["seed_everything"], r.overrides["data.init_args.seed"]) for r in runs] == [(3, 3), (4, 4)]
+    body = "seeds: [1, 2]\nseed_keys: {seed_everything: '{seed}', model.pretrained: 'assets/bb-s{seed}'}\n"
+    runs = expand(load_sweep(write_sweep(tmp_path, body, name="t.yaml")))
+    assert [r.overrides["model.pretrained"] for r in runs] == ["assets/bb-s1", "assets/bb-s2"]
+    assert runs[0].overrides["seed_everything"] == 1 and "data.init_args.seed" not in runs[0].overrides
+    with pytest.raises(ConfigError, match="seed_keys must be"):
+        load_sweep(write_sweep(tmp_path, "seed_keys: 3\n", name="u.yaml"))

@@ -208,6 +208,7 @@ class ProSGModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["prosg_method"] = type(self.method).__name__
+        checkpoint["prosg_method_state"] = self.method.extra_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with the fix, a checkpoint whose method does not match this config."""
@@ -222,6 +223,7 @@ class ProSGModule(L.LightningModule):
                 f"builds {mine}; run with the config saved beside the checkpoint (config.yaml in the run "
                 "directory) or set model.method to match"
             )
+        self.method.load_extra_state(checkpoint.get("prosg_method_state", {}))
 
     def configure_optimizers(self) -> Any:
         head_params = [p for p in self.method.parameters() if p.requires_grad]

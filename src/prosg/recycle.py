@@ -224,14 +224,29 @@ class RecycledHead(SGHead):
         if self.maps is None and backbone.d_model != source.backbone.d_model:
             raise ConfigError(f"the identity recycler needs equal widths ({source.backbone.d_model} vs {backbone.d_model})")
 
-    def factors(self, target: Any, x: Tensor, h: Tensor, mask: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def features(self, h: Tensor, targets: Any, block_of: Any = None) -> Tensor:
+        """The source trunk on the target's block contexts H (nb, B, P, D_T) mapped into the source's: H_T B_b."""
         if self.maps is None:
-            return super().factors(target, x, h, mask, grad)
-        a = self.maps.inputs[target.name].to(x)
-        b = self.maps.context[target.block].to(h)
-        c = self.maps.outputs[target.name].to(x)
-        u, v, g = super().factors(target, x @ a, h @ b, mask, grad)
-        return torch.einsum("os,bor->bsr", c, u), torch.einsum("ts,bsr->btr", a, v), g
+            return super().features(h, targets, block_of)
+        # context i is the block of the targets that read it (SGHead.features: block_of[j], or the only one)
+        blocks = {0: targets[0].block} if block_of is None else {i: t.block for i, t in zip(block_of, targets)}
+        mapped = torch.stack([h[i] @ self.maps.context[blocks[i]].to(h) for i in range(h.shape[0])])
+        return super().features(mapped, targets, block_of)
+
+    def factors(self, targets: Any, xs: Any, mask: Tensor, feats: Tensor | None, alpha: Tensor | None,
+                grads: Any = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The source head's factors of the target's inputs mapped into the source's (X_T A_ℓ), written back into
+        the target's spaces: U_T = C_ℓᵀ U_S, V_T = A_ℓ V_S (and Δ̂_T = Δ̂_S C_ℓ)."""
+        if self.maps is None:
+            return super().factors(targets, xs, mask, feats, alpha, grads)
+        a = [self.maps.inputs[t.name].to(x) for t, x in zip(targets, xs)]
+        made = super().factors(targets, [x @ m for x, m in zip(xs, a)], mask, feats, alpha, grads)
+        out = []
+        for t, m, (u, v, g) in zip(targets, a, made):
+            c = self.maps.outputs[t.name].to(u)
+            out.append((torch.einsum("os,bor->bsr", c, u), torch.einsum("ts,bsr->btr", m, v),
+                        None if g is None else g @ c))
+        return out
 
 
 def recycled_sg(source: ProSG, maps: HeadMaps | None) -> ProSG:

@@ -70,6 +70,12 @@ class Backbone(nn.Module):
         """The state before any token (zeros, or what the family starts from)."""
         raise NotImplementedError
 
+    def state_placement(self, device: torch.device | str | None) -> tuple[torch.device | str, torch.dtype, torch.dtype]:
+        """(device, weight dtype, carry dtype) of a fresh state: the weights' device unless given, and at
+        least fp32 for what a recurrence accumulates (a bf16 running sum drifts over long sequences)."""
+        p = next(self.parameters())
+        return (device if device is not None else p.device), p.dtype, torch.promote_types(p.dtype, torch.float32)
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The residual blocks, in order."""

@@ -93,9 +93,7 @@ class LSTM(Backbone):
         return self.emb(input_ids)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        p = self.emb.weight
-        device = device if device is not None else p.device
-        ct = torch.promote_types(p.dtype, torch.float32)
+        device, _, ct = self.state_placement(device)
         zeros = lambda: torch.zeros(batch_size, self.config["d_hidden"], device=device, dtype=ct)  # noqa: E731
         return tuple((zeros(), zeros()) for _ in range(self.config["n_layer"]))
 

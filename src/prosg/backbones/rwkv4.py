@@ -162,17 +162,15 @@ class RWKV4(Backbone):
         return self.emb(input_ids)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        p = self.emb.weight
-        device = device if device is not None else p.device
-        ct = torch.promote_types(p.dtype, torch.float32)
+        device, wt, ct = self.state_placement(device)
         shape = (batch_size, self.d_model)
         return tuple(
             (
-                torch.zeros(shape, device=device, dtype=p.dtype),
+                torch.zeros(shape, device=device, dtype=wt),
                 torch.zeros(shape, device=device, dtype=ct),
                 torch.zeros(shape, device=device, dtype=ct),
                 torch.full(shape, WKV4_EMPTY_PP, device=device, dtype=ct),
-                torch.zeros(shape, device=device, dtype=p.dtype),
+                torch.zeros(shape, device=device, dtype=wt),
             )
             for _ in range(self.config["n_layer"])
         )

@@ -247,14 +247,12 @@ class RWKV7(Backbone):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         C, H, N = self.d_model, self.d_model // self.config["head_size"], self.config["head_size"]
-        p = self.emb.weight
-        device = device if device is not None else p.device
-        ct = torch.promote_types(p.dtype, torch.float32)
+        device, wt, ct = self.state_placement(device)
         return tuple(
             (
-                torch.zeros(batch_size, C, device=device, dtype=p.dtype),
+                torch.zeros(batch_size, C, device=device, dtype=wt),
                 torch.zeros(batch_size, H, N, N, device=device, dtype=ct),
-                torch.zeros(batch_size, C, device=device, dtype=p.dtype),
+                torch.zeros(batch_size, C, device=device, dtype=wt),
             )
             for _ in range(self.config["n_layer"])
         )

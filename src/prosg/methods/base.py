@@ -10,6 +10,7 @@ gradients), and whatever comes next. ``ProSGModule`` and ``generate()`` only cal
     with method.prefill(prompt_ids) as o:   # generation: read the prompts, o.logits (B, V), o.state;
         backbone.step(...)                  #   whatever the method keeps (a delta) stays in place inside
     method.memory_size()                    # extra numbers per sample it holds while generating
+    method.extra_state()                    # non-parameter state a checkpoint carries (load_extra_state)
 
 A method owns its trainable parameters (they are its submodules) and says whether it trains on a
 frozen backbone by default (``freezes_backbone``) or only on one (``needs_frozen_backbone``).
@@ -86,6 +87,14 @@ class Method(nn.Module):
 
     def on_before_optimizer_step(self) -> None:
         """Hook for constraints on the method's parameters (e.g. clamping step sizes)."""
+
+    def extra_state(self) -> dict:
+        """What a checkpoint must carry beyond the parameters for a resumed run to continue identically
+        (e.g. a random generator's state); ``load_extra_state`` restores it."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` returned (a checkpoint from before it existed gives {})."""
 
 
 class Plain(Method):

@@ -7,11 +7,13 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
 
-from prosg.backbones.base import Backbone, BackboneOutput
+from prosg.backbones.base import Backbone, BackboneOutput, State
 from prosg.errors import ConfigError
 from prosg.methods.base import Method, MethodOutput
-from prosg.sg.head import Session, SGHead
+from prosg.sg.head import SGHead
+from prosg.sg.session import Session
 
 
 class ProSG(Method):
@@ -51,6 +53,23 @@ class ProSG(Method):
     def attach(self, backbone: Backbone) -> None:
         super().attach(backbone)
         self.head.attach(backbone)
+        # prompt-state dropout draws from its own generator, saved in checkpoints (extra_state), so a
+        # resumed run drops the samples the uninterrupted one would; seeded from the run's seed
+        # (torch.initial_seed() reads it without consuming the global stream)
+        self.dropout_generator = torch.Generator().manual_seed(torch.initial_seed())
+
+    def extra_state(self) -> dict:
+        return {"dropout_generator": self.dropout_generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "dropout_generator" in state:
+            self.dropout_generator.set_state(state["dropout_generator"])
+
+    def draw_dropout(self, batch_size: int) -> Tensor | None:
+        """The samples whose prompt state is dropped in this training step (None: no dropout now)."""
+        if not (self.training and self.prompt_state_dropout > 0):
+            return None
+        return torch.rand(batch_size, generator=self.dropout_generator) < self.prompt_state_dropout
 
     @property
     def name(self) -> str:
@@ -70,39 +89,109 @@ class ProSG(Method):
         bb.check_ids(ids, ndim=2)
         self.max_prompt_len = max(self.max_prompt_len, int(plen.max()))
         true = self._true_gradients(ids, plen, batch.get("candidates"))
-        with self.head.session(plen, true if self.mode == "oracle" else None) as s:
-            logits = bb.forward_embeds(bb.embed(ids)).logits
-            p = self.prompt_state_dropout
-            if self.training and p > 0:
-                drop = torch.rand(ids.shape[0], device=ids.device) < p
-                if drop.any():
-                    logits = self._response_without_state(ids, plen, logits, drop, s)
+        drop = self.draw_dropout(ids.shape[0])
+        drop = drop.to(ids.device) if drop is not None and drop.any() else None
+        oracle = true if self.mode == "oracle" else None
+        P = int(plen[0])
+        rows: list[Tensor | None] = [None]
+        if P < ids.shape[1] and bool((plen == P).all()):
+            logits, s = self._prompt_then_response(ids, plen, P, drop, oracle)
+            sessions = [s]
+        elif drop is None:
+            with self.head.session(plen, oracle) as s:
+                logits = bb.forward_embeds(bb.embed(ids)).logits
+            sessions = [s]
+        else:
+            logits, sessions, rows = self._forward_with_dropout(ids, plen, drop, true)
         aux = {}
         if true is not None and self.mode == "synthetic":
-            aux["aux"] = self.aux_weight * self.head.aux_loss(s, true)
+            grads = [true if r is None else {n: g[r] for n, g in true.items()} for r in rows]
+            aux["aux"] = self.aux_weight * self.head.aux_loss(sessions, grads)
         return MethodOutput(logits, aux)
 
-    def _response_without_state(self, ids: Tensor, plen: Tensor, logits: Tensor, drop: Tensor, s: Session) -> Tensor:
-        """Re-run the responses of samples ``drop`` from an empty state with only the delta holding the prompt.
+    def _prompt_then_response(self, ids: Tensor, plen: Tensor, P: int, drop: Tensor | None,
+                              oracle: dict[str, Tensor] | None) -> tuple[Tensor, Session]:
+        """Equal prompts of P tokens: one parallel pass over the prompts records what every target reads,
+        every delta is computed at once, then the responses run in parallel from the prompts' state with
+        the deltas in place — the generation path, and the numbers of one pass over prompt + response.
 
-        Prompt-state dropout: a jointly trained backbone can keep the prompt in its state within the
-        training distances and ignore the delta, which then does not help beyond them. Cutting the
-        state for some samples makes the delta carry the prompt; the other samples keep both paths.
+        Prompt-state dropout (``drop``, docs/method.md): a jointly trained backbone can keep the prompt in
+        its state within the training distances and ignore the delta, which then does not help beyond
+        them; samples ``drop`` run their response from an empty state, so only the delta holds their prompt.
         """
-        rows = drop.nonzero().squeeze(1)  # (n,)
-        T = ids.shape[1]
-        R = int(T - plen[rows].min())
-        idx = plen[rows, None] + torch.arange(R, device=ids.device)  # (n, R) response positions
+        bb = self.backbone
+        with self.head.session(plen, oracle, defer=True) as s:
+            prompt = bb.forward_embeds(bb.embed(ids[:, :P]))
+            s.start_steps()
+            resp_ids = ids[:, P:]
+            if drop is None:
+                resp = bb.forward_embeds(bb.embed(resp_ids), prompt.state).logits
+            else:
+                resp = self._responses_with_dropout(resp_ids, prompt.state, drop, s)
+        return torch.cat([prompt.logits, resp.to(prompt.logits.dtype)], dim=1), s
+
+    def _responses_with_dropout(self, resp_ids: Tensor, state: State, drop: Tensor, s: Session) -> Tensor:
+        """Response logits (B, R, V): rows ``drop`` from an empty state, the others from ``state``."""
+        bb = self.backbone
+        empty = bb.init_state(resp_ids.shape[0], resp_ids.device)
+        if [t.shape for t in tree_leaves(state)] == [t.shape for t in tree_leaves(empty)]:  # a fixed-size state
+            state = tree_map(lambda t, e: torch.where(drop.view(-1, *[1] * (t.dim() - 1)), e.to(t.dtype), t), state, empty)
+            return bb.forward_embeds(bb.embed(resp_ids), state).logits
+        # a state that grows with the sequence (a KV cache) cannot be emptied row by row: two passes
+        keep, cut = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
+        parts = []
+        if keep.numel():
+            with s.only(keep):
+                parts.append(bb.forward_embeds(bb.embed(resp_ids[keep]), tree_map(lambda t: t[keep], state)).logits)
+        with s.only(cut):
+            parts.append(bb.forward_embeds(bb.embed(resp_ids[cut])).logits)
+        return torch.cat(parts)[torch.cat([keep, cut]).argsort()]
+
+    def _forward_with_dropout(self, ids: Tensor, plen: Tensor, drop: Tensor, true: dict[str, Tensor] | None
+                              ) -> tuple[Tensor, list[Session], list[Tensor]]:
+        """Prompt-state dropout with prompts of different lengths: the kept samples run prompt + response in
+        one pass (one session); the dropped ones, in another, their prompts, then their responses from an
+        empty state. Returns the logits in batch order, the sessions, and the rows each session covers.
+        """
+        bb = self.backbone
+        parts, sessions, groups = [], [], []
+        for rows, dropped in (((~drop).nonzero().squeeze(1), False), (drop.nonzero().squeeze(1), True)):
+            if not rows.numel():
+                continue
+            groups.append(rows)
+            oracle = {n: g[rows] for n, g in true.items()} if self.mode == "oracle" else None
+            with self.head.session(plen[rows], oracle, defer=dropped) as s:
+                if dropped:
+                    parts.append(self._response_without_state(ids[rows], plen[rows], s))
+                else:
+                    parts.append(bb.forward_embeds(bb.embed(ids[rows])).logits)
+            sessions.append(s)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]
+        return logits, sessions, groups
+
+    def _response_without_state(self, ids: Tensor, plen: Tensor, s: Session) -> Tensor:
+        """Logits (n, T, V) of samples whose response runs from an empty state: the prompts (read by the
+        deferred session ``s``, which then computes every delta), then the responses with the deltas alone
+        holding the prompt."""
+        bb = self.backbone
+        n, T = ids.shape
+        P = int(plen.max())
+        logits = bb.forward_embeds(bb.embed(ids[:, :P])).logits  # (n, P, V)
+        R = T - int(plen.min())
+        if R == 0:
+            return logits
+        idx = plen[:, None] + torch.arange(R, device=ids.device)  # (n, R) response positions
         valid = idx < T
         # positions past a row's end hold token 0: causal, so they never reach a valid position's logits
-        resp = torch.where(valid, ids[rows].gather(1, idx.clamp(max=T - 1)), 0)
+        resp = torch.where(valid, ids.gather(1, idx.clamp(max=T - 1)), 0)
         s.start_steps()
-        s.select(rows)
-        bb = self.backbone
         resp_logits = bb.forward_embeds(bb.embed(resp)).logits  # (n, R, V)
-        out = logits.clone()
-        out[rows[:, None].expand_as(idx)[valid], idx[valid]] = resp_logits[valid].to(out.dtype)
-        return out
+        if R == T - P:  # equal prompts: the responses follow them
+            return torch.cat([logits, resp_logits.to(logits.dtype)], dim=1)
+        # ragged prompts: a row's positions from its own prompt length on are its response's
+        out = torch.cat([logits, logits.new_zeros(n, T - P, logits.shape[-1])], dim=1)
+        rows = torch.arange(n, device=ids.device)[:, None].expand_as(idx)
+        return out.index_put((rows[valid], idx[valid]), resp_logits[valid].to(out.dtype))
 
     @contextmanager
     def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:
@@ -110,7 +199,7 @@ class ProSG(Method):
         plen = torch.full((B,), P, dtype=torch.long, device=prompt_ids.device)
         self.max_prompt_len = max(self.max_prompt_len, P)
         true = self._true_gradients(prompt_ids, plen, answers) if self.mode == "oracle" else None
-        with self.head.session(plen, true) as s:
+        with self.head.session(plen, true, defer=True) as s:
             out = self.backbone(prompt_ids)
             s.start_steps()
             yield BackboneOutput(out.logits[:, -1], out.state)

@@ -20,7 +20,7 @@ def full_factors(grad: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]
 
 def slot_factors(grad: Tensor, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     """r slots read the prompt with attention weights α (B, r, P): U = Δ̂ᵀαᵀ, V = X̃ᵀαᵀ."""
-    return torch.einsum("bpo,brp->bor", grad, alpha), torch.einsum("bpi,brp->bir", x, alpha)
+    return (alpha @ grad).mT, (alpha @ x).mT  # (B, o, r), (B, i, r) as views of the (B, r, .) products
 
 
 @torch.no_grad()

@@ -8,17 +8,24 @@ is a context manager that hooks the backbone for one batch:
   first ``prompt_len[b]`` positions of sample b (its inputs X and the residual stream H entering
   its block) and adds it to every later position — one pass, exact, since prompt positions never
   see the delta;
-* after ``session.start_steps()``, every call (one generated token) gets the stored delta.
+* with ``session(..., defer=True)`` a parallel forward over the prompts only records X and H, and
+  every target's delta is computed at once afterwards (``start_steps`` does it), one batched call
+  per layer width instead of a few small ones per layer;
+* after ``session.start_steps()``, every call (a generated token, or a whole response continuing
+  from the prompt's state) gets the stored delta.
 
-The backbone is not modified: everything goes through forward hooks on its modules.
+The backbone's weights are not modified (except while a single-sample decode folds the delta in,
+undone on exit). A forward pre-hook on each targeted block records its input H (and, in a single
+pass, computes what depends only on H for all of the block's targets at once); each target
+linear's ``forward`` is replaced for the session by one that adds the delta (an instance attribute
+over the class method, removed on exit), so a decoding step pays no hook dispatch.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,79 +33,10 @@ from torch import Tensor, nn
 
 from prosg.errors import ConfigError
 from prosg.sg.compress import COMPRESSIONS, compress
+from prosg.sg.inject import ForwardPatch, add_low_rank
+from prosg.sg.session import Pass, Session, Target
 
 MODES = ("synthetic", "oracle")
-
-
-@dataclass
-class Target:
-    """One linear layer the head writes a delta into."""
-
-    name: str
-    index: int  # position among the head's targets (selects e_ℓ, η_ℓ, slot queries)
-    block: int  # index of the residual block that contains it
-    d_in: int
-    d_out: int
-
-
-@dataclass
-class Session:
-    """Per-batch state shared by the hooks."""
-
-    prompt_len: Tensor  # (B,)
-    eta: Tensor  # (n_targets,) the step sizes η_ℓ of this batch (SGHead.step_sizes())
-    index: dict[str, int]  # target name -> position in eta
-    oracle: dict[str, Tensor] | None = None  # target name -> ∂L_prompt/∂Y (B, P, o)
-    stepping: bool = False
-    context: dict[int, Tensor] = field(default_factory=dict)  # block -> H (B, L, D) of the parallel pass
-    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (U (B,o,r), V (B,i,r))
-    synthetic: dict[str, Tensor] = field(default_factory=dict)  # name -> Δ̂ (B, P, o), for the aux loss
-
-    step_factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (V, −η Uᵀ)
-    linears: dict[str, nn.Module] = field(default_factory=dict)  # name -> the hooked target linear
-    hooks: dict[str, Any] = field(default_factory=dict)  # name -> removable hook handle
-    merged: dict[str, Tensor] = field(default_factory=dict)  # name -> original weight, while merged
-
-    def start_steps(self) -> None:
-        """From now on every forward is one generated token: apply the stored deltas everywhere."""
-        if not self.factors:
-            raise RuntimeError("start_steps() before a prompt pass computed the deltas")
-        # fold −η into U once, so each generated token costs two small batched matmuls per layer
-        self.step_factors = {
-            n: (v, (-self.eta[self.index[n]] * u).transpose(1, 2).contiguous()) for n, (u, v) in self.factors.items()
-        }
-        self.stepping = True
-        if self.prompt_len.numel() == 1 and not torch.is_grad_enabled():
-            self._merge()
-
-    def select(self, rows: Tensor) -> None:
-        """Keep only samples ``rows`` in the stepping deltas (a later forward carries just those samples)."""
-        if not self.stepping:
-            raise RuntimeError("select() applies to the stepping deltas: call start_steps() first")
-        self.step_factors = {n: (v[rows], u[rows]) for n, (v, u) in self.step_factors.items()}
-
-    def _merge(self) -> None:
-        # One sample, no autograd: fold ΔW = −η U Vᵀ into W (as LoRA merges) and drop the hooks,
-        # so generating with the head costs what generating without it does. Undone on exit.
-        with torch.no_grad():
-            for name, (v, u_scaled) in self.step_factors.items():
-                weight = self.linears[name].weight
-                self.merged[name] = weight.detach().clone()
-                weight.add_((v[0] @ u_scaled[0]).T.to(weight.dtype))
-                self.hooks.pop(name).remove()
-        for handle in self.hooks.values():  # block-context hooks are not needed while stepping
-            handle.remove()
-        self.hooks.clear()
-
-    def close(self) -> None:
-        """Remove the hooks and restore merged weights."""
-        with torch.no_grad():
-            for name, original in self.merged.items():
-                self.linears[name].weight.copy_(original)
-        self.merged.clear()
-        for handle in self.hooks.values():
-            handle.remove()
-        self.hooks.clear()
 
 
 class SGHead(nn.Module):
@@ -167,6 +105,13 @@ class SGHead(nn.Module):
                     f"{lin.in_features}) allows (max {limit}); lower the rank or target larger layers."
                 )
             self.targets.append(Target(name, k, backbone.block_index(name), lin.in_features, lin.out_features))
+        self.by_block: dict[int, list[Target]] = {}  # block -> its targets, in forward order
+        for t in sorted(self.targets, key=lambda t: (t.block, t.index)):
+            t.slot = len(self.by_block.setdefault(t.block, []))
+            self.by_block[t.block].append(t)
+        # the order of a batched computation over all targets: equal output widths consecutive, and
+        # within them the blocks in turn (a block's k-th target, then the next block's)
+        self.batch_order = sorted(self.targets, key=lambda t: (t.d_out, t.slot, t.block))
         self._backbone_ref = [backbone]
         n, d_ctx, h = len(self.targets), backbone.d_model, self.d_hidden
         self.layer_emb = nn.Embedding(n, self.d_layer_emb)
@@ -198,81 +143,181 @@ class SGHead(nn.Module):
         return self._backbone_ref[0]
 
     # -- the method ------------------------------------------------------------------------
-    def features(self, h: Tensor, target: Target) -> Tensor:
-        """Shared trunk over the block context H (B, P, D) and the layer embedding -> (B, P, d_hidden)."""
-        e = self.layer_emb.weight[target.index].expand(*h.shape[:-1], -1)
-        return self.trunk(torch.cat([self.ctx_norm(h), e], dim=-1))
+    def features(self, h: Tensor, targets: Sequence[Target], block_of: Sequence[int] | None = None) -> Tensor:
+        """Shared trunk over block contexts H (nb, B, P, D) for ``targets`` -> (k, B, P, d_hidden).
 
-    def factors(self, target: Target, x: Tensor, h: Tensor, mask: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Prompt inputs X (B,P,i), context H (B,P,D), mask (B,P) -> (U, V, Δ̂) for one target."""
-        feats = self.features(h, target)
-        if grad is None:
-            grad = self.grad_out[str(target.d_out)](feats)  # Δ̂ (B, P, o)
-        if self.transform_inputs and self.mode == "synthetic":
-            key = str(target.d_in)
-            x = x + self.in_write[key](F.gelu(self.in_read[key](self.in_norm[key](x)) + feats))
-        alpha = None
-        if self.compression == "slots":
-            scores = torch.einsum("rh,bph->brp", self.slot_queries[target.index], self.slot_keys(feats))
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf")) / math.sqrt(self.d_hidden)
-            alpha = torch.softmax(scores, dim=-1)
-        u, v = compress(self.compression, grad, x, mask, self.rank, alpha)
-        return u, v, grad
+        Target j reads context ``block_of[j]`` (None: the only one, nb = 1). The trunk's first layer
+        reads [LN(H), e_ℓ]; its weight is applied in two parts, so the H part is computed once per
+        block and each target only adds the image of its embedding."""
+        first, second = self.trunk[0], self.trunk[2]
+        nb, d = h.shape[0], h.shape[-1]
+        z = F.linear(self.ctx_norm(h), first.weight[:, :d])  # (nb, B, P, h)
+        c = F.linear(self.layer_emb.weight[_rows(targets)], first.weight[:, d:], first.bias)  # (k, h)
+        if block_of is None:
+            pre = z + c[:, None, None]
+        elif list(block_of) == list(range(nb)) * (len(targets) // nb):  # blocks in turn: a broadcast
+            pre = (z + c.view(-1, nb, 1, 1, c.shape[-1])).flatten(0, 1)
+        else:
+            pre = z.index_select(0, torch.tensor(list(block_of), device=z.device)) + c[:, None, None]
+        return F.gelu(second(F.gelu(pre)))
+
+    def slot_weights(self, feats: Tensor, targets: Sequence[Target], mask: Tensor) -> Tensor:
+        """Attention of each target's r slot queries over the prompt positions: features (k, B, P, h),
+        mask (B, P) -> α (k, B, r, P).
+
+        A query q scores position p by q · K f_p = (q K) · f_p: the keys are never formed. The scores
+        are made as (k, r, B·P), with the rank as the small outer side of the product."""
+        k, B, P, h = feats.shape
+        queries = self.slot_queries[_rows(targets)] @ self.slot_keys.weight  # (k, r, h)
+        scores = (queries @ feats.reshape(k, B * P, h).mT).view(k, self.rank, B, P)
+        scores = scores.masked_fill(~mask, float("-inf")) / math.sqrt(self.d_hidden)
+        return torch.softmax(scores, dim=-1).transpose(1, 2)
+
+    def _needs_features(self, oracle: bool) -> bool:
+        return not oracle or self.compression == "slots"
+
+    def factors(self, targets: Sequence[Target], xs: Sequence[Tensor], mask: Tensor, feats: Tensor | None,
+                alpha: Tensor | None, grads: Sequence[Tensor] | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(U (B,o,r), V (B,i,r), Δ̂ (B,P,o)) of each target from its prompt inputs X (B, P, i).
+
+        ``feats`` (k, B, P, h) and ``alpha`` (k, B, r, P): the targets' trunk features and slot weights
+        (None where the compression and mode do not use them); ``grads``: Δ̂ per target (the oracle's
+        true gradients), else the synthetic Δ̂ from the features. Targets of equal output (input)
+        width share the output head (input transform), so each width is one batched call."""
+        n = len(targets)
+        by_out, by_in = _groups(targets, "d_out"), _groups(targets, "d_in")
+        gs: list[Tensor | None] = list(grads) if grads is not None else [None] * n
+        us: list[Tensor | None] = [None] * n
+        slots = self.compression == "slots"
+        if grads is None or slots:
+            f_parts = _partition(feats, by_out) if grads is None else [None] * len(by_out)
+            a_parts = _partition(alpha, by_out) if slots else [None] * len(by_out)
+            for (d_out, js), f, a in zip(by_out, f_parts, a_parts):
+                if grads is None:
+                    g = self.grad_out[str(d_out)](f)  # Δ̂ (k, B, P, o)
+                    for j, gj in zip(js, g.unbind(0)):
+                        gs[j] = gj
+                else:
+                    g = torch.stack([grads[j] for j in js])
+                if slots:  # U = Δ̂ᵀαᵀ, for every target of this width at once
+                    for j, u in zip(js, (a @ g).mT.unbind(0)):
+                        us[j] = u
+        out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * n
+        transform = self.transform_inputs and self.mode == "synthetic"
+        f_parts = _partition(feats, by_in) if transform else [None] * len(by_in)
+        a_parts = _partition(alpha, by_in) if slots else [None] * len(by_in)
+        for (d_in, js), f, a in zip(by_in, f_parts, a_parts):
+            x = torch.stack([xs[j] for j in js]) if len(js) > 1 else xs[js[0]][None]  # (k, B, P, i)
+            if transform:  # X̃ = X + M_in(X, H)
+                key = str(d_in)
+                x = x + self.in_write[key](F.gelu(self.in_read[key](self.in_norm[key](x)) + f))
+            if slots:  # V = X̃ᵀαᵀ
+                for j, v in zip(js, (a @ x).mT.unbind(0)):
+                    out[j] = (us[j], v, gs[j])
+            else:
+                for j, xj in zip(js, x.unbind(0)):
+                    out[j] = (*compress(self.compression, gs[j], xj, mask, self.rank), gs[j])
+        return out
 
     def step_sizes(self) -> Tensor:
         """η_ℓ = η̃_ℓ / d_in,ℓ: with unit-scale inputs Vᵀx / d_in is an O(1) match score, so a
         freshly trained head starts at the same scale on every layer width."""
         return self.eta / self.fan_in
 
-    def apply_delta(self, x: Tensor, u: Tensor, v: Tensor, eta: Tensor) -> Tensor:
-        """−η U (Vᵀ x) for inputs x (B, ..., i): the delta's contribution to the layer output."""
-        xv = torch.einsum("b...i,bir->b...r", x, v)
-        return -eta * torch.einsum("b...r,bor->b...o", xv, u)
-
     # -- hooks -------------------------------------------------------------------------------
     @contextmanager
-    def session(self, prompt_len: Tensor, oracle: dict[str, Tensor] | None = None) -> Iterator[Session]:
-        """Hook the backbone for one batch whose sample b has a prompt of ``prompt_len[b]`` tokens."""
+    def session(self, prompt_len: Tensor, oracle: dict[str, Tensor] | None = None, defer: bool = False) -> Iterator[Session]:
+        """Hook the backbone for one batch whose sample b has a prompt of ``prompt_len[b]`` tokens.
+
+        ``defer``: a parallel forward only reads the prompts (records X, H; no delta is applied) and
+        every target's delta is computed at once by ``start_steps()``."""
         if self.mode == "oracle" and oracle is None:
             raise ConfigError("the oracle needs the prompt gradients: pass prompt_gradients() to session()")
         backbone = self.backbone
-        s = Session(prompt_len=prompt_len.to(torch.long), eta=self.step_sizes(), index={t.name: t.index for t in self.targets}, oracle=oracle)
+        s = Session(prompt_len=prompt_len.to(torch.long), eta=self.step_sizes(), index={t.name: t.index for t in self.targets},
+                    oracle=oracle, defer=defer)
+        s.compute = lambda: self._compute_deferred(s)
         modules = dict(backbone.named_modules())
-        for b in sorted({t.block for t in self.targets}):
-            s.hooks[f"block.{b}"] = backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b))
-        for t in self.targets:
-            s.linears[t.name] = modules[t.name]
-            s.hooks[t.name] = modules[t.name].register_forward_hook(self._linear_hook(s, t))
         try:
+            for b in self.by_block:
+                s.hooks[f"block.{b}"] = backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b))
+            for t in self.targets:
+                s.linears[t.name] = modules[t.name]
+                s.hooks[t.name] = ForwardPatch(modules[t.name], self._patched_forward(s, t, modules[t.name]))
             yield s
         finally:
             s.close()
 
     def _context_hook(self, s: Session, block: int):
+        targets = self.by_block[block]
+        first = block == min(self.by_block)
+        features = self._needs_features(s.oracle is not None)
+
         def hook(module: nn.Module, args: tuple) -> None:
-            if not s.stepping:
-                s.context[block] = args[0]
+            h = args[0]
+            if first:  # a new parallel pass
+                s.current = self._new_pass(s, h)
+            cur = s.current
+            s.context[block] = h[:, : cur.P]
+            if features and not s.defer:
+                feats = cur.features[block] = self.features(s.context[block][None], targets)
+                if self.compression == "slots":
+                    cur.alpha[block] = self.slot_weights(feats, targets, cur.mask)
         return hook
 
-    def _linear_hook(self, s: Session, t: Target):
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            x = args[0]
+    def _new_pass(self, s: Session, h: Tensor) -> Pass:
+        L = h.shape[1]
+        P = int(s.prompt_len.max().clamp(max=L))
+        pos = torch.arange(L, device=h.device)
+        cur = Pass(P, pos[None, :P] < s.prompt_len[:, None])  # (B, P) prompt positions
+        if not s.defer:
+            cur.after = (pos[None, None, :] >= s.prompt_len[:, None, None]).to(h.dtype)  # (B, 1, L) get the delta
+            cur.neg_eta = (-s.eta).unbind(0)
+        return cur
+
+    def _patched_forward(self, s: Session, t: Target, linear: nn.Module) -> Callable[[Tensor], Tensor]:
+        base = type(linear).forward
+
+        def forward(x: Tensor) -> Tensor:
+            out = base(linear, x)
             if s.stepping:
                 v, u_scaled = s.step_factors[t.name]
                 if x.dim() == 2:  # (B, i): one token
-                    return out + torch.bmm(torch.bmm(x[:, None], v), u_scaled)[:, 0]
-                return torch.baddbmm(out, torch.bmm(x, v), u_scaled)
-            L = x.shape[1]
-            P = int(s.prompt_len.max().clamp(max=L))
-            pos = torch.arange(L, device=x.device)
-            mask = pos[None, :P] < s.prompt_len[:, None]  # (B, P) prompt positions
-            grad = None if s.oracle is None else s.oracle[t.name][:, :P]
-            u, v, g = self.factors(t, x[:, :P], s.context[t.block][:, :P], mask, grad)
+                    return torch.baddbmm(out.unsqueeze(1), torch.bmm(x.unsqueeze(1), v), u_scaled).squeeze(1)
+                return add_low_rank(out, x, v, u_scaled)
+            cur = s.current
+            if s.defer:  # reading the prompts: every delta is computed later, at once
+                s.inputs[t.name] = x[:, : cur.P]
+                return out
+            grads = None if s.oracle is None else [s.oracle[t.name][:, : cur.P]]
+            one = slice(t.slot, t.slot + 1)
+            feats, alpha = cur.features.get(t.block), cur.alpha.get(t.block)
+            (u, v, g), = self.factors([t], [x[:, : cur.P]], cur.mask, None if feats is None else feats[one],
+                                      None if alpha is None else alpha[one], grads)
             s.factors[t.name] = (u, v)
             s.synthetic[t.name] = g
-            after = (pos[None, :] >= s.prompt_len[:, None]).to(out.dtype)  # (B, L)
-            return out + self.apply_delta(x, u, v, s.eta[t.index]) * after[..., None]
-        return hook
+            # y = W x − η U (Vᵀ x) at the positions after each prompt
+            return add_low_rank(out, x, v, cur.neg_eta[t.index] * u.mT, cur.after)
+        return forward
+
+    def _compute_deferred(self, s: Session) -> None:
+        """Every target's factors from what a deferred pass recorded: one batched call per width."""
+        cur = s.current
+        if cur is None or len(s.inputs) < len(self.targets):
+            raise RuntimeError("start_steps() in a deferred session before a parallel pass over the prompts")
+        targets = self.batch_order
+        feats = alpha = None
+        if self._needs_features(s.oracle is not None):
+            blocks = list(self.by_block)
+            h = torch.stack([s.context[b] for b in blocks])  # (nb, B, P, D)
+            feats = self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
+            if self.compression == "slots":
+                alpha = self.slot_weights(feats, targets, cur.mask)
+        grads = None if s.oracle is None else [s.oracle[t.name][:, : cur.P] for t in targets]
+        made = self.factors(targets, [s.inputs[t.name] for t in targets], cur.mask, feats, alpha, grads)
+        for t, (u, v, g) in zip(targets, made):
+            s.factors[t.name] = (u, v)
+            s.synthetic[t.name] = g
 
     # -- oracle and the DNI auxiliary loss ---------------------------------------------------
     def prompt_gradients(self, input_ids: Tensor, prompt_len: Tensor, answers: Tensor | None = None) -> dict[str, Tensor]:
@@ -317,16 +362,23 @@ class SGHead(nn.Module):
                 hd.remove()
         return {n: (torch.zeros_like(probes[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
 
-    def aux_loss(self, s: Session, true_grads: dict[str, Tensor]) -> Tensor:
-        """DNI-style regression of Δ̂ onto the true prompt gradient (scale-free MSE, mean over layers)."""
-        terms = []
-        for t in self.targets:
-            g_hat, g = s.synthetic[t.name], true_grads[t.name][:, : s.synthetic[t.name].shape[1]]
-            P = g.shape[1]
-            mask = (torch.arange(P, device=g.device)[None, :] < s.prompt_len[:, None]).to(g.dtype)[..., None]
-            err = ((g_hat - g) ** 2 * mask).sum() / ((g**2 * mask).sum() + 1e-12)
-            terms.append(err)
-        return torch.stack(terms).mean()
+    def aux_loss(self, s: Session | Sequence[Session], true_grads: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> Tensor:
+        """DNI-style regression of Δ̂ onto the true prompt gradient (scale-free MSE, mean over layers).
+
+        Sessions over disjoint samples (a list, with a list of their samples' true gradients) pool
+        their sums, as one session over all of those samples would."""
+        sessions, grads = ([s], [true_grads]) if isinstance(s, Session) else (list(s), list(true_grads))
+        num = den = 0
+        for si, gi in zip(sessions, grads):
+            terms = []
+            for t in self.targets:
+                g_hat = si.synthetic[t.name]
+                g = gi[t.name][:, : g_hat.shape[1]]
+                mask = (torch.arange(g.shape[1], device=g.device)[None, :] < si.prompt_len[:, None]).to(g.dtype)[..., None]
+                terms.append(torch.stack([((g_hat - g) ** 2 * mask).sum(), (g**2 * mask).sum()]))
+            sums = torch.stack(terms)  # (n_targets, 2)
+            num, den = num + sums[:, 0], den + sums[:, 1]
+        return (num / (den + 1e-12)).mean()
 
     def extra_repr(self) -> str:
         return (
@@ -340,6 +392,33 @@ def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     return lin
+
+
+def _positions(idx: Sequence[int]) -> slice | list[int]:
+    """An index of positions ``idx``: a slice (a view) when they are consecutive."""
+    return slice(idx[0], idx[-1] + 1) if list(idx) == list(range(idx[0], idx[-1] + 1)) else list(idx)
+
+
+def _rows(targets: Sequence[Target]) -> slice | list[int]:
+    """Index of the targets' rows in per-target parameters (e_ℓ, slot queries)."""
+    return _positions([t.index for t in targets])
+
+
+def _partition(t: Tensor, groups: list[tuple[int, list[int]]]) -> list[Tensor]:
+    """``t[js]`` for each group of positions: one split (a single cat backwards, no zero-filled
+    gradient per slice) when the groups are consecutive runs covering ``t``."""
+    flat = [j for _, js in groups for j in js]
+    if flat == list(range(t.shape[0])):
+        return list(t.split([len(js) for _, js in groups])) if len(groups) > 1 else [t]
+    return [t[_positions(js)] for _, js in groups]
+
+
+def _groups(targets: Sequence[Target], width: str) -> list[tuple[int, list[int]]]:
+    """(width, positions in ``targets``) for each distinct ``d_in`` / ``d_out`` of the targets."""
+    groups: dict[int, list[int]] = {}
+    for j, t in enumerate(targets):
+        groups.setdefault(getattr(t, width), []).append(j)
+    return list(groups.items())
 
 
 def _in_block(backbone: nn.Module, name: str) -> bool:

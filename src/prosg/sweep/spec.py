@@ -7,7 +7,8 @@ Sweep file (YAML; omegaconf ``${...}`` interpolation works inside it)::
     out_dir: runs/sweeps/recall_methods          # relative to the working directory, like trainer.default_root_dir
     seeds: [0, 1, 2]                             # every grid cell runs once per seed (default [0])
     seed_keys: [seed_everything, data.init_args.seed]  # what a seed sets (the default: initialisation AND
-                                                 # the constructed data + shuffle; [seed_everything] for JSONL data)
+                                                 # the constructed data + shuffle; [seed_everything] for JSONL data;
+                                                 # or {key: template}: {model.pretrained: "dir/bb-s{seed}"})
     overrides:                                   # applied to every run
       trainer.max_steps: 2000
     axes:                                        # cartesian product, in this order
@@ -80,7 +81,7 @@ class Sweep:
     experiment: Path
     out_dir: Path
     seeds: list[int]
-    seed_keys: list[str]
+    seed_keys: dict[str, str]  # argument -> template ("{seed}" gives the seed as a number)
     overrides: dict[str, Any]
     axes: list[Axis]
     launcher: dict[str, Any]
@@ -228,8 +229,13 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds {seeds} has duplicates")
     seed_keys = raw.get("seed_keys", list(DEFAULT_SEED_KEYS))
-    if not isinstance(seed_keys, list) or not all(isinstance(k, str) for k in seed_keys):
-        raise ConfigError(f"{path}: seed_keys must be a list of argument names, e.g. [seed_everything, data.init_args.seed]")
+    if isinstance(seed_keys, list):
+        seed_keys = {k: "{seed}" for k in seed_keys}
+    if not isinstance(seed_keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in seed_keys.items()):
+        raise ConfigError(
+            f"{path}: seed_keys must be a list of argument names, e.g. [seed_everything, data.init_args.seed], or a "
+            "mapping of argument name -> template, e.g. {model.pretrained: 'assets/pretrained/rwkv7-s{seed}'}"
+        )
     axes_raw = raw.get("axes") or {}
     if not isinstance(axes_raw, dict):
         raise ConfigError(f"{path}: axes must be a mapping of axis name -> values")
@@ -251,6 +257,11 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         launcher=launcher,
         tune=parse_tuning(raw.get("tune"), [a.name for a in axes], path),
     )
+
+
+def seed_overrides(seed_keys: dict[str, str], seed: int) -> dict[str, Any]:
+    """What a seed sets: each key's template with ``{seed}`` filled in (a bare ``{seed}`` stays a number)."""
+    return {k: seed if t == "{seed}" else t.format(seed=seed) for k, t in seed_keys.items()}
 
 
 def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +290,7 @@ def expand(sweep: Sweep) -> list[Run]:
         for seed in sweep.seeds:
             name = "-".join([*(label for _, label in cell), f"s{seed}"])
             overrides = _merge(
-                sweep.overrides, *(axis.options[label] for axis, label in cell), {k: seed for k in sweep.seed_keys}
+                sweep.overrides, *(axis.options[label] for axis, label in cell), seed_overrides(sweep.seed_keys, seed)
             )
             run = Run(
                 name=name,

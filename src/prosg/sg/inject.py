@@ -1,0 +1,66 @@
+"""Injection of the per-sample low-rank delta into a linear's output: the fused autograd op and the
+forward patch that puts it in place of a target linear's ``forward``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class LowRankAdd(torch.autograd.Function):
+    """y = out + ((x Vtᵀ) ⊙ m) Ut per sample: x (B, L, i), Vt (B, r, i), Ut (B, r, o), out (B, L, o), and an
+    optional constant 0/1 mask m (B, 1, L) of the positions that get the delta.
+
+    Autograd would compute x Vtᵀ as (B, L, r) and its gradients with r as the narrow inner side of
+    each product; here every product is laid out with the rank as its small *outer* dimension
+    (Vt xᵀ is (B, r, L)), which small-matrix GEMMs on CPU run 2-4x faster."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, vt: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
+        xvt = torch.bmm(vt, x.mT)  # (B, r, L)
+        if mask is not None:
+            mask = mask.to(xvt.dtype)
+            xvt = xvt * mask
+        ctx.save_for_backward(x, vt, ut, xvt, mask)
+        return torch.baddbmm(out, xvt.mT, ut)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, vt, ut, xvt, mask = ctx.saved_tensors
+        g_xvt = torch.bmm(ut, gy.mT)  # (B, r, L)
+        if mask is not None:
+            g_xvt = g_xvt * mask
+        g_x = torch.bmm(g_xvt.mT, vt) if ctx.needs_input_grad[1] else None
+        g_vt = torch.bmm(g_xvt, x) if ctx.needs_input_grad[2] else None
+        g_ut = torch.bmm(xvt, gy) if ctx.needs_input_grad[3] else None
+        return gy, g_x, g_vt, g_ut, None
+
+
+def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
+    """out + ((x V) ⊙ mask) Ut for x (B, L, i), V (B, i, r), Ut (B, r, o): ``LowRankAdd`` under autograd,
+    else two plain batched matmuls (a decoding step's x·V is a row vector per sample, for which this
+    layout is the fast one)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, v, ut)):
+        return LowRankAdd.apply(out, x, v.mT, ut, mask)
+    xv = torch.bmm(x, v)
+    return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(xv.dtype), ut)
+
+
+class ForwardPatch:
+    """Replaces one module's ``forward`` until ``remove()``: an instance attribute over the class method,
+    so calls skip hook dispatch (``nn.Module.__call__`` takes its fast path)."""
+
+    def __init__(self, module: nn.Module, forward: Callable[[Tensor], Tensor]) -> None:
+        if "forward" in vars(module):
+            raise RuntimeError(
+                f"{type(module).__name__} already has a patched forward: one SG session per backbone at a time"
+            )
+        self.module: nn.Module | None = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module is not None:
+            del self.module.forward
+            self.module = None
