@@ -157,3 +157,33 @@ def test_python_api_trains_like_the_command(tmp_path):
     assert isinstance(cli.model, prosg.ProSGModule) and isinstance(cli.model.method, prosg.Plain)
     assert cli.trainer.global_step == 1
     assert any(k.startswith("lr-") for k in cli.trainer.callback_metrics)  # the learning rate is logged
+
+
+# -- prosg generate -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("gen")
+    assert main(["fit", *TINY, f"--trainer.default_root_dir={tmp}"]) == 0
+    return next(tmp.rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--prompt-ids", "1 a 2"], ["--prompt-ids", "'a' is not one"]),
+    (["--prompt-ids", "1 2", "--max-new-tokens", "-5"], ["--max-new-tokens -5", ">= 1"]),
+    (["--prompt-ids", "1 2", "--temperature", "-1"], ["--temperature -1", ">= 0"]),
+    ([], ["exactly one of --prompt"]),
+])
+def test_generate_bad_arguments_are_one_line(tiny_ckpt, extra, words, capsys):
+    line = cli_error(capsys, ["generate", "--ckpt", str(tiny_ckpt), *extra])
+    assert all(w in line for w in words), line
+
+
+def test_generate_on_a_directory_says_it_is_one(tiny_ckpt, capsys):
+    line = cli_error(capsys, ["generate", "--ckpt", str(tiny_ckpt.parent), "--prompt-ids", "1 2"])
+    assert "is a directory" in line and "does not exist" not in line
+
+
+def test_zero_width_head_is_blamed_on_its_knob(tmp_path, capsys):
+    line = cli_error(capsys, ["fit", *TINY, f"--trainer.default_root_dir={tmp_path}",
+                              "--model.method", str(CONF / "method/sg.yaml"), "--model.method.init_args.d_hidden=0"])
+    assert "d_hidden" in line and "lr" not in line.split("d_hidden")[0]
