@@ -130,7 +130,7 @@ def test_version(capsys):
 
 
 API = ["ProSGModule", "SGHead", "build", "from_pretrained", "ConstructedDataModule", "JSONLDataModule",
-       "StoredDataModule", "generate", "ProSG", "Plain", "JRT", "SoftPrompt", "Oracle", "Method", "lightning_main",
+       "StoredDataModule", "generate", "ProSG", "Plain", "JRT", "SoftPrompt", "GlobalPromptCell", "Oracle", "Method", "lightning_main",
        "fit_and_test"]
 
 

@@ -7,7 +7,7 @@ import torch
 from prosg.backbones import BACKBONES, build
 from prosg.errors import ConfigError
 from prosg.generate import generate
-from prosg.methods import JRT, Method, Oracle, Plain, ProSG, SoftPrompt
+from prosg.methods import JRT, GlobalPromptCell, Method, Oracle, Plain, ProSG, SoftPrompt
 from prosg.module import ProSGModule
 
 FAMILIES = sorted(BACKBONES)
@@ -16,6 +16,7 @@ METHODS = {
     "plain": Plain,
     "jrt": JRT,
     "soft_prompt": lambda: SoftPrompt(n_tokens=3),
+    "gpc": lambda: GlobalPromptCell(n_tokens=3, d_cell=8),
     "sg": lambda: ProSG(rank=4),
     "sg_svd": lambda: ProSG(rank=4, compression="svd"),
     "oracle": lambda: Oracle(rank=4, compression="full"),
@@ -36,7 +37,15 @@ def attached(family: str, method: str) -> Method:
             for p in m.head.grad_out.parameters():
                 p.normal_(0, 0.2)
             m.head.eta.fill_(3.0)
+    if isinstance(m, GlobalPromptCell):  # a fresh cell writes exactly zero; give it something to write
+        randomise_cell(m)
     return m
+
+
+def randomise_cell(m: GlobalPromptCell) -> None:
+    with torch.no_grad():
+        m.write.normal_(0, 0.5)
+        m.query.normal_(0, 1.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -61,7 +70,7 @@ def test_teacher_forced_equals_generation(family, method):
     torch.testing.assert_close(torch.stack(steps, 1), teacher, atol=3e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["sg", "oracle", "soft_prompt"])
+@pytest.mark.parametrize("method", ["sg", "oracle", "soft_prompt", "gpc"])
 def test_method_changes_the_response_but_not_the_plain_prompt_logits(method):
     m = attached("gpt", method)
     plain = Plain()
@@ -71,7 +80,7 @@ def test_method_changes_the_response_but_not_the_plain_prompt_logits(method):
     with torch.no_grad():
         a, b = m(batch).logits, plain(batch).logits
     assert not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-4)
-    if method != "soft_prompt":  # a prefix changes every position; a delta only those after the prompt
+    if method not in ("soft_prompt", "gpc"):  # a prefix changes every position; a delta only those after the prompt
         torch.testing.assert_close(a[:, :4], b[:, :4])
 
 
@@ -106,6 +115,8 @@ def test_memory_size_counts_what_generation_holds():
     assert m.memory_size() == sum(4 * (t.d_in + t.d_out) for t in m.head.targets) > 0
     for name in ("plain", "jrt", "soft_prompt"):  # nothing per sample beyond the backbone's state
         assert attached("mamba", name).memory_size() == 0
+    gpc = attached("mamba", "gpc")  # one D-vector per block, added to every generated token
+    assert gpc.memory_size() == len(gpc.backbone.blocks) * gpc.backbone.d_model
     full = Oracle(rank=4, compression="full")
     full.attach(tiny("gpt"))
     full.prefill(torch.randint(1, V, (1, 7))).__enter__()
@@ -130,7 +141,7 @@ def test_a_method_attaches_once():
         m.attach(tiny("gpt"))
 
 
-@pytest.mark.parametrize("method", ["plain", "jrt", "soft_prompt", "sg"])
+@pytest.mark.parametrize("method", ["plain", "jrt", "soft_prompt", "sg", "gpc"])
 @pytest.mark.parametrize("family", ["mamba", "rwkv7", "gpt"])
 def test_forced_text_after_the_prompt_reaches_the_model_like_generated_tokens(family, method):
     m = attached(family, method)
@@ -143,3 +154,100 @@ def test_forced_text_after_the_prompt_reaches_the_model_like_generated_tokens(fa
         # generate continues greedily from the teacher-forced text: its first token is the teacher's argmax
         new = generate(m, ids[:, :P], 1, forced=ids[:, P : P + F])
     assert torch.equal(new[:, 0], teacher.argmax(-1))
+
+
+# -- the Global Prompt Cell ---------------------------------------------------------------------
+def soft_prompt_twin(m: GlobalPromptCell) -> SoftPrompt:
+    """Plain prompt tuning with the GPC's prefix, on the same backbone."""
+    sp = SoftPrompt(m.n_tokens)
+    sp.attach(m.backbone)
+    with torch.no_grad():
+        sp.prefix.copy_(m.prefix)
+    return sp.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_gpc_is_exactly_plain_prompt_tuning(family):
+    m = GlobalPromptCell(n_tokens=3)
+    m.attach(tiny(family))
+    m.eval()
+    ids = torch.randint(1, V, (2, 9))
+    batch = {"input_ids": ids, "prompt_len": torch.tensor([3, 5])}
+    sp = soft_prompt_twin(m)
+    assert torch.equal(m.prefix, sp.prefix)  # same initial prefix as SoftPrompt (it is one)
+    with torch.no_grad():
+        assert torch.equal(m(batch).logits, sp(batch).logits)
+        with m.prefill(ids[:, :4]) as a, sp.prefill(ids[:, :4]) as b:
+            assert torch.equal(a.logits, b.logits)
+            assert torch.equal(m.backbone.step(ids[:, 4], a.state).logits, m.backbone.step(ids[:, 4], b.state).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpc_writes_only_after_each_prompt(family):
+    """Exact: every prompt position (soft tokens included) is plain prompt tuning's; the positions after differ."""
+    m = attached(family, "gpc")
+    ids = torch.randint(1, V, (2, 9))
+    plen = torch.tensor([3, 5])
+    sp = soft_prompt_twin(m)
+    with torch.no_grad():
+        a, b = m({"input_ids": ids, "prompt_len": plen}).logits, sp({"input_ids": ids, "prompt_len": plen}).logits
+    for row, p in enumerate(plen.tolist()):
+        assert torch.equal(a[row, :p], b[row, :p])
+        assert not torch.allclose(a[row, p:], b[row, p:], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mamba", "rwkv7", "lstm"])
+def test_gpc_with_prompts_of_different_lengths_equals_each_alone(family):
+    m = attached(family, "gpc")
+    ids = torch.randint(1, V, (2, 10))
+    plen = torch.tensor([3, 6])
+    with torch.no_grad():
+        both = m({"input_ids": ids, "prompt_len": plen}).logits
+        for row, p in enumerate(plen.tolist()):
+            alone = m({"input_ids": ids[row : row + 1], "prompt_len": plen[row : row + 1]}).logits
+            torch.testing.assert_close(both[row : row + 1], alone, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mamba", "rwkv7", "gpt"])
+def test_gpc_memory_carries_the_prompt_without_the_state(family):
+    """In generation the prompt also lives outside the recurrent state: from an empty state, two prompts
+    still give different next-token logits with GPC, identical ones with plain prompt tuning."""
+    m = attached(family, "gpc")
+    sp = soft_prompt_twin(m)
+    bb = m.backbone
+    prompts = torch.randint(1, V, (2, 1, 5))
+    token = torch.randint(1, V, (1,))
+    with torch.no_grad():
+        def after_empty_state(method):
+            outs = []
+            for p in prompts:
+                with method.prefill(p):
+                    outs.append(bb.step(token, bb.init_state(1)).logits)
+            return outs
+        g, s = after_empty_state(m), after_empty_state(sp)
+    assert not torch.allclose(g[0], g[1], atol=1e-4)
+    assert torch.equal(s[0], s[1])
+
+
+def test_gpc_hooks_are_removed_after_use():
+    m = attached("mamba", "gpc")
+    bb = m.backbone
+    ids = torch.randint(1, V, (1, 6))
+    with torch.no_grad():
+        before = bb(ids).logits
+        m({"input_ids": ids, "prompt_len": torch.tensor([3])})
+        with m.prefill(ids[:, :3]) as out:
+            bb.step(ids[:, 3], out.state)
+        assert torch.equal(bb(ids).logits, before)
+    assert all(not blk._forward_pre_hooks and "step" not in vars(blk) for blk in bb.blocks)
+
+
+def test_gpc_trains_only_its_own_parameters():
+    module = ProSGModule(backbone=tiny("rwkv7"), method=GlobalPromptCell(n_tokens=2, d_cell=4))
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in module.method.parameters())
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+    with pytest.raises(ConfigError, match="trains only its own parameters"):
+        ProSGModule(backbone=tiny("gpt"), method=GlobalPromptCell(2), freeze_backbone=False)
+    with pytest.raises(ConfigError, match="d_cell=0"):
+        GlobalPromptCell(2, d_cell=0)

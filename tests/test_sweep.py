@@ -129,26 +129,29 @@ def test_duplicate_run_names_are_rejected(tmp_path):
 
 # hand-counted grids of the shipped sweeps (a sweep not listed is checked for self-consistency only)
 EXPECTED_RUNS = {"smoke": 4, "demo": 15, "methods": 15, "recall_methods": 36, "rank_ablation": 22, "state_size": 20,
-                 "compare_joint": 72, "pretrain_lm": 3, "lm_instruction": 27}
+                 "compare_joint": 72, "pretrain": 2, "frozen": 12, "recycle": 40, "pretrain_lm": 3,
+                 "lm_instruction": 27}
 # tiny stand-ins for pretrained backbones a sweep names but the checkout does not hold yet
-STAND_IN = {"mamba": dict(d_model=16, n_layer=1), "rwkv7": dict(d_model=32, n_layer=1, head_size=16),
-            "gpt": dict(d_model=32, n_layer=1, n_head=2)}
+STAND_IN = {"mamba": {"d_model": 16, "n_layer": 1}, "rwkv7": {"d_model": 32, "n_layer": 1, "head_size": 16},
+            "gpt": {"d_model": 32, "n_layer": 1, "n_head": 2}}
 
 
 def pretrained_args(run, tmp_path: Path) -> list[str]:
-    """``--model.pretrained`` pointing at a tiny random backbone of the run's family (native layout) when the
-    checkpoint the run names is not in the checkout (the LMs of conf/sweep/lm_instruction.yaml are made by
-    `prosg pretrain --sweep conf/sweep/pretrain_lm.yaml`): every other override of the cell is still checked."""
+    """``--model.pretrained`` pointing at a tiny random backbone of the run's family (native layout; rwkv7 when the
+    run has no backbone label) when the checkpoint the run names is not in the checkout (assets/ is made by
+    `prosg pretrain`): every other override of the cell is still checked. Its vocabulary (512) covers every
+    shipped task's."""
     from prosg.backbones import build
     from prosg.backbones.native import save_native
 
     path = run.overrides.get("model.pretrained")
     if path is None or (ROOT / path).exists():
         return [] if path is None else [f"--model.pretrained={ROOT / path}"]
-    family = run.labels["backbone"]
+    family = run.labels.get("backbone")
+    family = family if family in STAND_IN else "rwkv7"
     stand_in = tmp_path / family
     if not stand_in.exists():
-        save_native(build(family, vocab_size=260, **STAND_IN[family]), stand_in)
+        save_native(build(family, vocab_size=512, **STAND_IN[family]), stand_in)
     return [f"--model.pretrained={stand_in}"]
 
 
@@ -190,6 +193,8 @@ def test_sweep_callbacks_instantiate():
     for path in sorted((CONF / "sweep").glob("*.yaml")):
         for r in expand(load_sweep(path)):
             extra = r.overrides.get("trainer.callbacks+")
+            if isinstance(extra, str):  # the shorthand `trainer.callbacks+: prosg.pretrain.ExportBackbone`
+                extra = {"class_path": extra}
             if extra is not None:
                 found[extra["class_path"]] = extra
     assert set(found) >= {"prosg.pretrain.ExportBackbone", "prosg.lmeval.FreeRunningEval"}
@@ -197,6 +202,7 @@ def test_sweep_callbacks_instantiate():
     parser.add_subclass_arguments(L.Callback, "cb")
     for cfg in found.values():
         assert isinstance(parser.instantiate_classes(parser.parse_object({"cb": cfg})).cb, L.Callback)
+
 
 # -- the demo sweep end to end: s0 with the local launcher, s1 with submitit (cluster: local) ---------
 @pytest.fixture(scope="module")

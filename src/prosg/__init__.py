@@ -3,7 +3,7 @@
 The Python API, imported on first use (``import prosg`` itself loads neither torch nor Lightning)::
 
     from prosg import ProSGModule, ConstructedDataModule, SGHead, build, from_pretrained, generate
-    from prosg import ProSG, Plain, JRT, SoftPrompt, Oracle, Method        # the methods (prosg.methods)
+    from prosg import ProSG, Plain, JRT, SoftPrompt, GlobalPromptCell, Oracle, Method  # the methods (prosg.methods)
     from prosg import lightning_main, fit_and_test                        # `prosg fit/validate/test` in Python
     from prosg import JSONLDataModule, StoredDataModule
 
@@ -35,6 +35,7 @@ _API = {
     "Oracle": "prosg.methods",
     "JRT": "prosg.methods",
     "SoftPrompt": "prosg.methods",
+    "GlobalPromptCell": "prosg.methods",
     "lightning_main": "prosg.train",
     "fit_and_test": "prosg.train",
 }

@@ -19,6 +19,7 @@ ProSG commands:
   data       build / show the constructed prompt-forgetting dataset
   demo       the built-in default run (small models, minutes on a CPU)
   pretrain   train + publish the backbones of the frozen-backbone setting (assets/pretrained)
+  recycle    carry trained soft prompts / SG heads over to an updated backbone; recycle-rate table
   sweep      a grid of experiments x seeds (conf/sweep/*.yaml): launch, resume, collect tables + plots
 
 Run `prosg <command> -h` for the options of a command; `prosg --version` prints the version.
@@ -72,6 +73,10 @@ def _dispatch(argv: list[str]) -> int:
         from prosg.pretrain import main as pretrain_main
 
         return pretrain_main(rest)
+    if command == "recycle":
+        from prosg.recycle import main as recycle_main
+
+        return recycle_main(rest)
     if command == "sweep":
         from prosg.sweep import main as sweep_main
 

@@ -7,8 +7,9 @@ every run if the sweep file does not name it). The command then copies each one 
 with ``provenance.json``: the command, the sweep file, the run's full arguments and seed, its data config
 (and, when it trained on ``text``, the corpus: source, Python version, per split characters and sha256),
 the software versions, its validation and test metrics, and the sha256 of every file. Experiments load
-them with ``model.pretrained: assets/pretrained/<run>`` and freeze them. ``--steps`` and ``--set KEY=VALUE``
-apply after every axis (a shortened run, e.g. in CI: ``--steps 2 --set model.backbone.init_args.d_model=16``).
+them with ``model.pretrained: assets/pretrained/<run>`` and freeze them. ``--steps`` replaces the sweep's
+steps, ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs (a shortened run, e.g. in CI:
+``--steps 2 --set model.backbone.init_args.d_model=16``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -72,9 +74,14 @@ def _versions() -> dict[str, str]:
 
 def publish(run_dir: Path, out: Path, sweep_path: Path, command: str | None = None) -> Path:
     """Copy a finished pretraining run's backbone to ``out/<run>`` with its provenance."""
+    from prosg.backbones import detect_format
+    from prosg.errors import CheckpointError
+
     src = run_dir / BACKBONE_DIR
-    if not (src / "config.json").is_file():
-        raise ConfigError(f"{run_dir} has no exported backbone ({BACKBONE_DIR}/); was it run with ExportBackbone?")
+    try:  # the family's own layout: config.json + weights, or a BlinkDL .pth for RWKV
+        detect_format(src)
+    except CheckpointError:
+        raise ConfigError(f"{run_dir} has no exported backbone ({BACKBONE_DIR}/); was it run with ExportBackbone?") from None
     dest = out / run_dir.name
     if dest.exists():
         shutil.rmtree(dest)
@@ -83,7 +90,7 @@ def publish(run_dir: Path, out: Path, sweep_path: Path, command: str | None = No
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     data = (config or {}).get("data")
-    kept = lambda part: {k: v for k, v in metrics.get(part, {}).items() if any(m in k for m in KEPT_METRICS)}  # noqa: E731
+    kept = lambda part: {k: v for k, v in metrics.get(part, {}).items() if any(m in k for m in KEPT_METRICS)}
     provenance = {
         "made_by": command or f"prosg pretrain --sweep {sweep_path}",
         "sweep": str(sweep_path), "run": spec["name"], "seed": spec["seed"], "args": spec["args"],
@@ -111,51 +118,67 @@ def _assignment(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
-def _finalise(runs: list, last: dict[str, Any]) -> None:
-    """Apply ``last`` after every axis of every run, and make sure each run exports its backbone."""
+def _finalise(runs: list, last: dict[str, Any], export: bool) -> None:
+    """Apply ``last`` after every axis of every run and, with ``export``, make sure each run saves its backbone."""
     for run in runs:
         merged = {k: v for k, v in run.overrides.items() if k not in last}
         merged.update(last)
-        exporting = any("ExportBackbone" in json.dumps(v) for k, v in merged.items() if k.startswith("trainer.callbacks"))
+        callbacks = [v for k, v in merged.items() if k.startswith("trainer.callbacks")]
+        exporting = not export or any("ExportBackbone" in json.dumps(v) for v in callbacks)
         if not exporting:
             merged["trainer.callbacks+"] = EXPORT
         run.overrides = merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run (or resume) the pretraining sweep and publish every finished backbone."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", help="the pretraining sweep (default: conf/sweep/pretrain.yaml)")
+def sweep_options(p: argparse.ArgumentParser, default: str) -> None:
+    """The options of a command that runs a sweep first: --sweep, --runs-dir, --steps, --seeds."""
+    p.add_argument("--sweep", help=f"the sweep file (default: conf/{default})")
     p.add_argument("--runs-dir", help="where the runs go (default: the sweep's out_dir)")
-    p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
     p.add_argument("--steps", type=int, help="override trainer.max_steps (a shortened run, e.g. in CI)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
-    p.add_argument("--only", action="append", metavar="NAME_GLOB", help="only the runs matching this glob (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="one more override for every run, applied after the axes (repeatable)")
-    args = p.parse_args(argv)
 
+
+def run_sweep(args: argparse.Namespace, default: str, check: Callable[[list[Any]], None] | None = None,
+              export: bool = False) -> tuple[Any, list[Any], Any]:
+    """Load the sweep of ``args`` (its --steps / --seeds applied; --set and --only where the command has them),
+    ``check`` its runs, run or resume them, collect them: (sweep, runs, collected). ``export``: every run saves
+    its backbone (``ExportBackbone``)."""
     from prosg.paths import conf_dir
     from prosg.sweep import collect, expand, launch, load_sweep, select
 
     if args.sweep is None:
-        args.sweep = str(conf_dir() / PRETRAIN_SWEEP)
+        args.sweep = str(conf_dir() / default)
     sweep = load_sweep(args.sweep, out_dir=args.runs_dir)
     if args.seeds:
         sweep.seeds = list(args.seeds)
-    last = dict(_assignment(a) for a in args.set)
-    if args.steps:
-        last.update({"trainer.max_steps": args.steps, "trainer.val_check_interval": args.steps})
+    if args.steps:  # before the axes: an axis's own max_steps (0: evaluation only) still wins
+        sweep.overrides.update({"trainer.max_steps": args.steps, "trainer.val_check_interval": args.steps})
     runs = expand(sweep)
-    _finalise(runs, last)
-    chosen = select(runs, args.only)
-    launch(sweep, chosen)
-    collected = collect(sweep, chosen, plots=False)
+    last = dict(_assignment(a) for a in getattr(args, "set", None) or [])
+    if last or export:
+        _finalise(runs, last, export)
+    runs = select(runs, getattr(args, "only", None))
+    if check is not None:
+        check(runs)
+    launch(sweep, runs)
+    return sweep, runs, collect(sweep, runs, plots=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the pretraining sweep and publish every finished backbone."""
+    p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
+    sweep_options(p, PRETRAIN_SWEEP)
+    p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
+    p.add_argument("--only", action="append", metavar="NAME_GLOB", help="only the runs matching this glob (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more override for every run, applied after the axes (repeatable)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    sweep, runs, collected = run_sweep(args, PRETRAIN_SWEEP, export=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["prosg", "pretrain", *argv])
-    for run in chosen:
+    for run in runs:
         if (sweep.out_dir / run.name / "metrics.json").is_file():
             dest = publish(sweep.out_dir / run.name, out, Path(args.sweep), command)
             print(f"published {dest}")
