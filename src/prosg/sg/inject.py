@@ -15,26 +15,32 @@ class LowRankAdd(torch.autograd.Function):
 
     Autograd would compute x Vtᵀ as (B, L, r) and its gradients with r as the narrow inner side of
     each product; here every product is laid out with the rank as its small *outer* dimension
-    (Vt xᵀ is (B, r, L)), which small-matrix GEMMs on CPU run 2-4x faster."""
+    (Vt xᵀ is (B, r, L)), which small-matrix GEMMs on CPU run 2-4x faster.
+
+    Every operand must have ``out``'s dtype (``add_low_rank`` casts them); autocast is off inside, in
+    forward and backward alike, so under bf16 mixed precision the saved tensors and the incoming
+    gradient share one dtype."""
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, vt: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
-        xvt = torch.bmm(vt, x.mT)  # (B, r, L)
-        if mask is not None:
-            mask = mask.to(xvt.dtype)
-            xvt = xvt * mask
-        ctx.save_for_backward(x, vt, ut, xvt, mask)
-        return torch.baddbmm(out, xvt.mT, ut)
+        with torch.autocast(out.device.type, enabled=False):
+            xvt = torch.bmm(vt, x.mT)  # (B, r, L)
+            if mask is not None:
+                xvt = xvt * mask
+            ctx.save_for_backward(x, vt, ut, xvt, mask)
+            return torch.baddbmm(out, xvt.mT, ut)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, vt, ut, xvt, mask = ctx.saved_tensors
-        g_xvt = torch.bmm(ut, gy.mT)  # (B, r, L)
-        if mask is not None:
-            g_xvt = g_xvt * mask
-        g_x = torch.bmm(g_xvt.mT, vt) if ctx.needs_input_grad[1] else None
-        g_vt = torch.bmm(g_xvt, x) if ctx.needs_input_grad[2] else None
-        g_ut = torch.bmm(xvt, gy) if ctx.needs_input_grad[3] else None
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(x.dtype)
+            g_xvt = torch.bmm(ut, gy.mT)  # (B, r, L)
+            if mask is not None:
+                g_xvt = g_xvt * mask
+            g_x = torch.bmm(g_xvt.mT, vt) if ctx.needs_input_grad[1] else None
+            g_vt = torch.bmm(g_xvt, x) if ctx.needs_input_grad[2] else None
+            g_ut = torch.bmm(xvt, gy) if ctx.needs_input_grad[3] else None
         return gy, g_x, g_vt, g_ut, None
 
 
@@ -42,10 +48,12 @@ def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | N
     """out + ((x V) ⊙ mask) Ut for x (B, L, i), V (B, i, r), Ut (B, r, o): ``LowRankAdd`` under autograd,
     else two plain batched matmuls (a decoding step's x·V is a row vector per sample, for which this
     layout is the fast one)."""
+    dt = out.dtype  # under autocast the linear's output may be bf16 while x or the factors are fp32
+    x, v, ut = x.to(dt), v.to(dt), ut.to(dt)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, v, ut)):
-        return LowRankAdd.apply(out, x, v.mT, ut, mask)
+        return LowRankAdd.apply(out, x, v.mT, ut, None if mask is None else mask.to(dt))
     xv = torch.bmm(x, v)
-    return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(xv.dtype), ut)
+    return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(dt), ut)
 
 
 class ForwardPatch:
