@@ -484,7 +484,10 @@ def test_interrupted_sweep_ends_with_its_summary_and_resumes(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "prosg", "sweep", str(path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a background job (``cmd &`` in a script) starts with SIGINT ignored, which Python
+                            # then keeps: give the sweep the terminal's default, as a Ctrl-C would find it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while read_status(out / "s0").get("status") != "running":  # the first run has started
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
