@@ -272,6 +272,7 @@ def test_collect_tables_match_metrics(demo, capsys):
     got = collect(sw, expand(sw))
     md = (out / "results.md").read_text()
     assert md in printed and "| method | n | acc | area | half-life |" in md
+    assert "Each seed re-draws the initialisation and the data." in md  # the default seed_keys
     for cell in got.summary:
         method = cell["labels"]["method"]
         accs = [metrics[f"{method}-s{s}"]["test"]["test/all/acc"] for s in (0, 1)]

@@ -124,6 +124,14 @@ def _cell_text(title: str, stats: results.Stats, of: int) -> str:
     return results.format_stats(stats, of)
 
 
+def _seed_text(sweep: Sweep) -> str:
+    """What a seed re-draws in this sweep (a reader cannot tell initialisation-only ± from data ± otherwise)."""
+    keys = sweep.seed_keys
+    what = [w for k, w in (("seed_everything", "the initialisation"), ("data.init_args.seed", "the data")) if k in keys]
+    what += [k for k in keys if k not in ("seed_everything", "data.init_args.seed")]
+    return "Each seed re-draws " + (" and ".join(what) if what else "nothing") + "."
+
+
 def _markdown(sweep: Sweep, axis_names: list[str], summary: list[dict], headline: dict[str, str],
               columns: dict[str, str], rows: list[dict], problems: list[dict], notes: list[str]) -> str:
     """results.md: the per-cell table, the runs that are not done, and notes on skipped plots."""
@@ -132,7 +140,7 @@ def _markdown(sweep: Sweep, axis_names: list[str], summary: list[dict], headline
     source = results.parse_key(first).prefix if first else "no metrics"
     lines = [f"# {sweep.name}", "",
              f"{n_done}/{len(rows)} runs done; mean ± std over seeds (sample std; n = seeds with results). "
-             f"Columns from {source}.", ""]
+             f"Columns from {source}. {_seed_text(sweep)}", ""]
     header = [*axis_names, "n", *columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
