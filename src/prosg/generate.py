@@ -88,7 +88,6 @@ def generate(
     with method.prefill(prompt_ids, answers) as res:
         logits, state = res.logits, res.state
         if forced is not None and forced.shape[1]:
-            backbone.check_ids(forced, ndim=2)
             res = backbone(forced, state)
             logits, state = res.logits[:, -1], res.state
         for t in range(max_new_tokens):

@@ -33,16 +33,21 @@ NO_DISTANCE = 2**62  # the min-distance state of an empty bucket
 BATCH_KEYS = ("input_ids", "answer_kind", "distance", "loss_weight", "task", "n_facts")
 
 
-def next_token_correct(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """(B, T, V) logits, (B, T) ids -> (B, T) bool: argmax at t-1 == id at t (False at t=0)."""
+def next_token_pred(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """(B, T, V) logits, (B, T) ids -> (B, T) long: the model's guess for token t (argmax at t-1; -1 at t=0)."""
     if logits.shape[:2] != input_ids.shape:
         raise DataError(
             f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}; "
             "pass logits of shape (B, T, V) for input_ids of shape (B, T)"
         )
-    correct = torch.zeros_like(input_ids, dtype=torch.bool)
-    correct[:, 1:] = logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:]
-    return correct
+    pred = torch.full_like(input_ids, -1)
+    pred[:, 1:] = logits[:, :-1].argmax(dim=-1)
+    return pred
+
+
+def next_token_correct(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """(B, T, V) logits, (B, T) ids -> (B, T) bool: argmax at t-1 == id at t (False at t=0)."""
+    return next_token_pred(logits, input_ids) == input_ids
 
 
 def _check_same_shape(**tensors: Tensor) -> None:
@@ -363,9 +368,8 @@ class ForgettingMetrics(nn.Module):
         if missing:
             raise DataError(f"batch is missing {missing}; ForgettingMetrics needs {list(BATCH_KEYS)}")
         ids, kind, dist = batch["input_ids"], batch["answer_kind"], batch["distance"]
-        correct = next_token_correct(logits, ids)
-        pred = torch.full_like(ids, -1)
-        pred[:, 1:] = logits[:, :-1].argmax(dim=-1)  # pred[:, t]: the model's guess for token t
+        pred = next_token_pred(logits, ids)  # one argmax over the vocabulary for accuracy and binding alike
+        correct = pred == ids
         extra = dict(pred=pred, target=ids, candidates=batch.get("candidates"), chance=batch.get("chance"))
         rows = torch.tensor(self._row_slices(batch), device=ids.device)  # (B,)
         for s, curve in enumerate(self.curves):

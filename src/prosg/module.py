@@ -18,6 +18,7 @@ from torch import Tensor
 
 from prosg.backbones.base import Backbone
 from prosg.backbones.registry import from_pretrained
+from prosg.data.collate import POSITION_FIELDS
 from prosg.errors import ConfigError, ProSGError
 from prosg.generate import generate
 from prosg.methods import Method, MethodOutput, Plain
@@ -183,9 +184,8 @@ class ProSGModule(L.LightningModule):
             picks = torch.cat([ids[:, :f], new], dim=1)
             onehot = F.one_hot(picks, self.backbone.vocab_size).to(torch.float32)
             sub = {k: (v[group] if isinstance(v, Tensor) else [v[i] for i in group]) for k, v in batch.items()}
-            T = batch["input_ids"].shape[1]  # per-position fields are cut to the generated length
-            sub = {k: (v[:, : picks.shape[1]] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == T else v)
-                   for k, v in sub.items()}
+            # per-position fields are cut to the generated length (by name: a (B, K) field may have K == T)
+            sub = {k: (v[:, : picks.shape[1]] if k in POSITION_FIELDS else v) for k, v in sub.items()}
             self.gen_metrics.update(sub, torch.cat([onehot[:, 1:], onehot[:, -1:]], dim=1))
             self._gen_updated = True
 

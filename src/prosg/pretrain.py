@@ -15,7 +15,6 @@ steps, ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs (a sh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shlex
@@ -28,6 +27,7 @@ from typing import Any
 import lightning as L
 import yaml
 
+from prosg.data.store import sha256_file
 from prosg.errors import ConfigError
 
 PRETRAIN_SWEEP = "sweep/pretrain.yaml"  # in prosg.paths.conf_dir()
@@ -45,15 +45,6 @@ class ExportBackbone(L.Callback):
 
         if trainer.is_global_zero:  # native for every family: config.json round-trips each one exactly
             save_native(pl_module.backbone, Path(trainer.default_root_dir) / BACKBONE_DIR)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _uses_text(data: Any) -> bool:
@@ -100,7 +91,7 @@ def publish(run_dir: Path, out: Path, sweep_path: Path, command: str | None = No
         "global_step": metrics.get("global_step"), "wall_s": metrics.get("wall_s"),
         "params": (metrics.get("sizes") or {}).get("total_params"),
         "val": kept("val"), "test": kept("test"),
-        "sha256": {p.name: sha256(p) for p in sorted(dest.iterdir()) if p.is_file()},
+        "sha256": {p.name: sha256_file(p) for p in sorted(dest.iterdir()) if p.is_file()},
     }
     if _uses_text(data):
         from prosg.data.corpus import corpus_info

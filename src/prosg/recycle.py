@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,8 +378,9 @@ def recycle_case(case: Case, target_dir: str, recyclers: list[str] | None, fit: 
 
 
 def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.fmean(xs) if xs else math.nan
+    from prosg import results
+
+    return results.mean_std(xs).mean
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

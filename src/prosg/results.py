@@ -31,7 +31,6 @@ RUN_COLUMNS = ("wall_s", "global_step")  # per-run numbers of metrics.json besid
 SIZE_COLUMNS = {"memory": "memory", "trainable params": "trainable_params"}  # table title -> key in "sizes"
 _BOUNDS = r"(\d+)-(\d+|inf)"
 _BUCKET_RE = re.compile(rf"^{ACC}@{_BOUNDS}$")
-_STAT_RE = re.compile(rf"^(\w+)@{_BOUNDS}$")
 _CURVE_RE = re.compile(rf"^(\w+)/{_BOUNDS}$")
 _LABEL_RE = re.compile(rf"^{_BOUNDS}$")
 
@@ -119,12 +118,6 @@ class Key:
         """(lo, hi) of a distance-bucket accuracy, hi = inf for the open bucket; None for other metrics."""
         m = _BUCKET_RE.match(self.metric)
         return (int(m[1]), _hi(m[2])) if m else None
-
-    @property
-    def bucket_stat(self) -> tuple[str, int, float] | None:
-        """(stat, lo, hi) of any per-bucket statistic (``bind_err@16-32`` -> ("bind_err", 16, 32)); else None."""
-        m = _STAT_RE.match(self.metric)
-        return (m[1], int(m[2]), _hi(m[3])) if m and m[1] in BUCKET_STATS else None
 
 
 def parse_key(key: str) -> Key | None:
@@ -265,15 +258,12 @@ def format_stats(s: Stats, of: int | None = None) -> str:
 
 
 # -- the forgetting table: per group and distance bucket, every bucket statistic over seeds ---------
-TABLE_STATS = (ACC, BIND_ERR, NOT_PROMPT, CEILING, CHANCE, COUNT, DMIN, DMAX)
-
-
 def forgetting_table(rows: Sequence[Row], group_of: Any, split: str = "test",
                      slice_: str = ALL) -> dict[tuple[str, ...], dict[str, dict[str, dict[str, Any]]]]:
     """group -> bucket label -> stat -> {seeds, mean, std}, over the runs of each group.
 
     ``group_of(row)`` names a row's group (a tuple of labels). Buckets are those with data under
-    ``<split>/<slice>``, in distance order; stats are ``TABLE_STATS`` (accuracy, binding error, answers
+    ``<split>/<slice>``, in distance order; stats are ``BUCKET_STATS`` (accuracy, binding error, answers
     outside the prompt, value-set ceiling, chance, answers counted, distances held).
     """
     where = prefix(split, slice_)
@@ -287,7 +277,7 @@ def forgetting_table(rows: Sequence[Row], group_of: Any, split: str = "test",
         with_data = {k for r in group for k, v in r["metrics"].items() if not math.isnan(v)}
         for key, lo, hi in bucket_keys(with_data, under=where):
             label = bucket_label(lo, hi)
-            for stat in TABLE_STATS:
+            for stat in BUCKET_STATS:
                 k = metric_key(split, slice_, bucket_metric(lo, hi, stat))
                 seeds = per_seed(group, k)
                 s = mean_std(seeds.values())

@@ -15,11 +15,16 @@ from prosg.errors import CheckpointError
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON config file, with a clear error when it is missing or corrupt."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"missing config file {str(path)!r}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"config file {str(path)!r} is not valid JSON ({e}); re-export it") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}), so the checkpoint "
+            "cannot be read; fix the file or re-export the checkpoint"
+        ) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{str(path)!r} is not UTF-8 text; fix the file or re-export the checkpoint") from None
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:

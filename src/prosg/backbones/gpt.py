@@ -154,8 +154,7 @@ class GPT(Backbone):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         n_head = self.config["n_head"]
         hd = self.d_model // n_head
-        dtype = self.wte.weight.dtype
-        device = device if device is not None else self.wte.weight.device
+        device, dtype, _ = self.state_placement(device)  # a KV cache holds activations: the weights' dtype
         empty = torch.zeros(batch_size, n_head, 0, hd, device=device, dtype=dtype)
         # with key shift the cache also carries the last raw key (zeros before the first token)
         extra = (torch.zeros(batch_size, n_head, 1, hd, device=device, dtype=dtype),) if self.config["key_shift"] else ()

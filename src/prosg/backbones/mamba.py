@@ -290,8 +290,7 @@ class Mamba(Backbone):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Per layer (conv_state, ssm_state), all zeros."""
-        dtype = self.backbone.embedding.weight.dtype
-        device = device if device is not None else self.backbone.embedding.weight.device
+        device, dtype, _ = self.state_placement(device)  # the mixers promote the carry themselves
         return tuple(layer.mixer.init_state(batch_size, device, dtype) for layer in self.blocks)
 
     def forward(self, input_ids: Tensor, state: State | None = None, *, return_state: bool = True) -> BackboneOutput:

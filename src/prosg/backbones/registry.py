@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from prosg.backbones.checkpoint import read_json
 from prosg.errors import CheckpointError, ConfigError
 
 BACKBONES: dict[str, type] = {}
@@ -60,26 +60,13 @@ def detect_format(path: str | Path) -> CheckpointFormat:
             return fmt
     config = path / "config.json"
     if path.is_dir() and config.is_file():  # every directory layout starts from config.json: report why it failed
-        _check_json(config)
+        read_json(config)
     listing = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else [path.name]
     known = "\n".join(f"  - {f.name}: {f.description}" for f in FORMATS)
     raise CheckpointError(
         f"no recognisable checkpoint at {str(path)!r} (found: {', '.join(listing) or 'nothing'}).\n"
         f"Supported layouts:\n{known}"
     )
-
-
-def _check_json(path: Path) -> None:
-    """A CheckpointError naming the place when ``path`` is not valid UTF-8 JSON (the format cannot be told)."""
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}), so the checkpoint "
-            "format cannot be recognised; fix the file or re-export the checkpoint"
-        ) from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{str(path)!r} is not UTF-8 text; fix the file or re-export the checkpoint") from None
 
 
 def from_pretrained(path: str | Path) -> Any:

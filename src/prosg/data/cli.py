@@ -171,14 +171,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from prosg.data.audit import audit, format_audit
 
-    dm = load_datamodule(args.config)
+    dm = load_datamodule(args.config, args.overrides)
     if args.split not in dm.split_names():
         raise ConfigError(f"split {args.split!r} is empty or missing (have {dm.split_names()}); pick another --split")
     ds = dm.dataset(args.split)
     n = min(args.n, len(ds))
     flagged = 0
+    every = [ds[i] for i in range(n)]
     for task_id, task in enumerate(dm.split_tasks[args.split]):
-        examples = [ex for ex in (ds[i] for i in range(n)) if ex["meta"]["task_id"] == task_id]
+        examples = [ex for ex in every if ex["meta"]["task_id"] == task_id]
         if not task.prompt_answers:  # plain text: nothing in it answers the prompt
             print(f"== {task.name} ({args.split}, {len(examples)} examples): no prompt answers, nothing to audit")
             continue

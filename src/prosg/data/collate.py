@@ -21,6 +21,9 @@ import torch
 
 from prosg.errors import DataError
 
+# The (B, T) fields: one value per token of input_ids (what a method that moves tokens must move alike).
+POSITION_FIELDS = ("input_ids", "attention_mask", "answer_kind", "distance", "loss_weight")
+
 
 def collate(examples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Examples -> a right-padded batch dict of tensors (the batch contract in this module's docstring)."""

@@ -114,6 +114,12 @@ def documents() -> dict[str, dict[str, str]]:
 
 
 @functools.lru_cache(maxsize=4)
+def split_bytes(split: str) -> bytes:
+    """``split_text(split)`` as ASCII bytes, encoded once (the text task slices it for every example)."""
+    return split_text(split).encode("ascii")
+
+
+@functools.lru_cache(maxsize=4)
 def split_text(split: str) -> str:
     """The text of one split ('train', 'val' or 'test'): its documents in name order, newline-joined."""
     docs = documents()

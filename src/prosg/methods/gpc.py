@@ -41,6 +41,7 @@ from prosg.backbones.base import Backbone, BackboneOutput
 from prosg.errors import ConfigError
 from prosg.methods.base import MethodOutput
 from prosg.methods.soft_prompt import SoftPrompt
+from prosg.sg.inject import MethodPatch
 
 # (block, args) -> replacement args or None, like a forward pre-hook
 BlockHook = Callable[[nn.Module, tuple], "tuple | None"]
@@ -63,28 +64,22 @@ class CellSession:
         self.stepping = True
 
 
-class StepPatch:
-    """Runs ``hook`` on the arguments of ``block.step`` (an instance attribute over the class method) until ``remove()``."""
+def step_patch(block: nn.Module, hook: BlockHook) -> MethodPatch:
+    """Runs ``hook`` on the arguments of ``block.step`` until the patch is removed."""
+    original = block.step
 
-    def __init__(self, block: nn.Module, hook: BlockHook) -> None:
-        original = block.step
+    def step(*args: Any, **kwargs: Any) -> Any:
+        new = hook(block, args)
+        return original(*(args if new is None else new), **kwargs)
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            new = hook(block, args)
-            return original(*(args if new is None else new), **kwargs)
-
-        self.block = block
-        block.step = step
-
-    def remove(self) -> None:
-        del self.block.step
+    return MethodPatch(block, step, name="step")
 
 
 def hook_block_inputs(block: nn.Module, hook: BlockHook) -> list[Any]:
     """Run ``hook`` on the residual stream entering ``block`` in parallel and step mode; removable handles."""
     handles = [block.register_forward_pre_hook(hook)]
     if callable(getattr(block, "step", None)):  # Mamba steps a block with block.step(x (B, D), state), not forward
-        handles.append(StepPatch(block, hook))
+        handles.append(step_patch(block, hook))
     return handles
 
 

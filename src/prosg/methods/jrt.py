@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from prosg.backbones.base import BackboneOutput
+from prosg.data.collate import POSITION_FIELDS
 from prosg.methods.base import Method
 
 # per-position fields of a collated batch that follow the tokens they annotate
-POSITION_FIELDS = ("input_ids", "attention_mask", "answer_kind", "distance", "loss_weight")
 FILL = {"attention_mask": False, "answer_kind": 0, "distance": -1, "loss_weight": 0.0}
 
 

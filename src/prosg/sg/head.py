@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from prosg.errors import ConfigError
 from prosg.sg.compress import COMPRESSIONS, compress
-from prosg.sg.inject import ForwardPatch, add_low_rank
+from prosg.sg.inject import MethodPatch, add_low_rank
 from prosg.sg.session import Pass, Session, Target
 
 MODES = ("synthetic", "oracle")
@@ -243,7 +243,7 @@ class SGHead(nn.Module):
                 s.hooks[f"block.{b}"] = backbone.blocks[b].register_forward_pre_hook(self._context_hook(s, b))
             for t in self.targets:
                 s.linears[t.name] = modules[t.name]
-                s.hooks[t.name] = ForwardPatch(modules[t.name], self._patched_forward(s, t, modules[t.name]))
+                s.hooks[t.name] = MethodPatch(modules[t.name], self._patched_forward(s, t, modules[t.name]))
             yield s
         finally:
             s.close()

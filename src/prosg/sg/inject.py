@@ -3,7 +3,7 @@ forward patch that puts it in place of a target linear's ``forward``."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -56,19 +56,22 @@ def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | N
     return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(dt), ut)
 
 
-class ForwardPatch:
-    """Replaces one module's ``forward`` until ``remove()``: an instance attribute over the class method,
-    so calls skip hook dispatch (``nn.Module.__call__`` takes its fast path)."""
+class MethodPatch:
+    """Replaces one module's method ``name`` (``forward``, or a block's ``step``) until ``remove()``: an instance
+    attribute over the class method, so a patched ``forward`` skips hook dispatch (``nn.Module.__call__``
+    takes its fast path). A second patch of the same method is refused: it would be undone by the first."""
 
-    def __init__(self, module: nn.Module, forward: Callable[[Tensor], Tensor]) -> None:
-        if "forward" in vars(module):
+    def __init__(self, module: nn.Module, fn: Callable[..., Any], name: str = "forward") -> None:
+        if name in vars(module):
             raise RuntimeError(
-                f"{type(module).__name__} already has a patched forward: one SG session per backbone at a time"
+                f"{type(module).__name__} already has a patched {name}: one SG session per backbone at a time "
+                "(a prompt cell's included)"
             )
         self.module: nn.Module | None = module
-        module.forward = forward
+        self.name = name
+        setattr(module, name, fn)
 
     def remove(self) -> None:
         if self.module is not None:
-            del self.module.forward
+            delattr(self.module, self.name)
             self.module = None

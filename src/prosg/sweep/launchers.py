@@ -102,12 +102,13 @@ def launch_local(run_dirs: list[Path], jobs: int = 1, threads: int | None = None
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))  # the work happens in child processes
     futures = [pool.submit(one, d) for d in run_dirs]
     try:
-        with _sigterm_interrupts():
+        # SIGTERM (`kill`, a scheduler ending the job) stops the sweep like Ctrl-C, with its summary
+        with _signal_handler(signal.SIGTERM, _raise_interrupt):
             results = [f.result() for f in futures]
     except KeyboardInterrupt:
         bar.clear()
         print("\nprosg sweep: interrupted; stopping the running runs (up to ~20 s) ...", file=sys.stderr)
-        with _sigint_ignored():
+        with _signal_handler(signal.SIGINT, signal.SIG_IGN):  # further Ctrl-C: the children shut down anyway
             stop_runs()
             pool.shutdown(wait=True, cancel_futures=True)
         results = [f.result() if f.done() and not f.cancelled() else {"status": NOT_STARTED} for f in futures]
@@ -117,38 +118,21 @@ def launch_local(run_dirs: list[Path], jobs: int = 1, threads: int | None = None
     return results
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (``kill``, a scheduler ending the job) stops the sweep like Ctrl-C, with its summary."""
-    if not _in_main_thread():
+def _signal_handler(sig: signal.Signals, handler: Any) -> Iterator[None]:
+    """``handler`` for ``sig`` within the block (only the main thread may set one; elsewhere: unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
+    old = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Further Ctrl-C while the runs are being stopped: ignored here (the children shut down anyway)."""
-    if not _in_main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(sig, old)
 
 
 @contextlib.contextmanager

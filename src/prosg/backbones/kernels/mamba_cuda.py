@@ -83,7 +83,7 @@ def kernels_for(setting: bool | str, x: Tensor) -> MambaKernels | None:
 
 def has_hooks(*modules: nn.Module) -> bool:
     """True if any forward (pre-)hook, on these modules or global, would see their calls, or one of
-    them has its ``forward`` replaced (as an SG session does, ``prosg.sg.head.ForwardPatch``)."""
+    them has its ``forward`` replaced (as an SG session does, ``prosg.sg.inject.MethodPatch``)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)

@@ -54,9 +54,9 @@ class TextTask(ByteTask):
 
     def text(self) -> bytes:
         """The corpus split this task reads, as ASCII bytes."""
-        from prosg.data.corpus import split_text
+        from prosg.data.corpus import split_bytes
 
-        return split_text(self.corpus_split or "train").encode("ascii")
+        return split_bytes(self.corpus_split or "train")
 
     def generate(self, rng: np.random.Generator) -> dict[str, Any]:
         tok = self.tokenizer
