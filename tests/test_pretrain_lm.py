@@ -11,7 +11,7 @@ import pytest
 from prosg.backbones import from_pretrained
 from prosg.cli import main as prosg_main
 from prosg.data.corpus import corpus_info
-from prosg.pretrain import sha256
+from prosg.data.store import sha256_file as sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "conf/sweep/pretrain_lm.yaml"

@@ -31,6 +31,7 @@ RUN_COLUMNS = ("wall_s", "global_step")  # per-run numbers of metrics.json besid
 SIZE_COLUMNS = {"memory": "memory", "trainable params": "trainable_params"}  # table title -> key in "sizes"
 _BOUNDS = r"(\d+)-(\d+|inf)"
 _BUCKET_RE = re.compile(rf"^{ACC}@{_BOUNDS}$")
+_STAT_RE = re.compile(rf"^(\w+)@{_BOUNDS}$")
 _CURVE_RE = re.compile(rf"^(\w+)/{_BOUNDS}$")
 _LABEL_RE = re.compile(rf"^{_BOUNDS}$")
 
@@ -118,6 +119,12 @@ class Key:
         """(lo, hi) of a distance-bucket accuracy, hi = inf for the open bucket; None for other metrics."""
         m = _BUCKET_RE.match(self.metric)
         return (int(m[1]), _hi(m[2])) if m else None
+
+    @property
+    def bucket_stat(self) -> tuple[str, int, float] | None:
+        """(stat, lo, hi) of any per-bucket statistic (``bind_err@16-32`` -> ("bind_err", 16, 32)); else None."""
+        m = _STAT_RE.match(self.metric)
+        return (m[1], int(m[2]), _hi(m[3])) if m and m[1] in BUCKET_STATS else None
 
 
 def parse_key(key: str) -> Key | None:
