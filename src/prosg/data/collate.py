@@ -29,42 +29,36 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of:
     """Examples -> a right-padded batch dict of tensors (the batch contract in this module's docstring)."""
     if not examples:
         raise DataError("cannot collate an empty list of examples")
-    lens = [len(ex["prompt_ids"]) + len(ex["response_ids"]) for ex in examples]
-    t_max = max(lens)
-    t_max = int(math.ceil(t_max / pad_to_multiple_of) * pad_to_multiple_of)
     b = len(examples)
-    input_ids = torch.full((b, t_max), pad_id, dtype=torch.long)
-    answer_kind = torch.zeros((b, t_max), dtype=torch.long)
-    distance = torch.full((b, t_max), -1, dtype=torch.long)
-    loss_weight = torch.zeros((b, t_max), dtype=torch.float32)
-    attention_mask = torch.zeros((b, t_max), dtype=torch.bool)
-    prompt_len = torch.empty(b, dtype=torch.long)
+    plens = [len(ex["prompt_ids"]) for ex in examples]
+    rlens = [len(ex["response_ids"]) for ex in examples]
+    t_max = max(p + r for p, r in zip(plens, rlens))
+    t_max = int(math.ceil(t_max / pad_to_multiple_of) * pad_to_multiple_of)
     n_cand = max(1, max(len(ex.get("candidates", ())) for ex in examples))
-    candidates = torch.full((b, n_cand), -1, dtype=torch.long)
-    chance = torch.tensor([float(ex.get("chance", math.nan)) for ex in examples], dtype=torch.float32)
-    for i, ex in enumerate(examples):
-        cand = ex.get("candidates", ())
-        if cand:
-            candidates[i, : len(cand)] = torch.tensor(cand, dtype=torch.long)
-        p, r = len(ex["prompt_ids"]), len(ex["response_ids"])
-        input_ids[i, : p + r] = torch.tensor(ex["prompt_ids"] + ex["response_ids"], dtype=torch.long)
-        answer_kind[i, p : p + r] = torch.tensor(ex["answer_kind"], dtype=torch.long)
-        distance[i, p : p + r] = torch.tensor(ex["distance"], dtype=torch.long)
-        loss_weight[i, p : p + r] = torch.tensor(ex["loss_weight"], dtype=torch.float32)
-        attention_mask[i, : p + r] = True
-        prompt_len[i] = p
+
+    # Rows are padded as Python lists and converted once per field: one tensor per example and field
+    # costs more than generating the example (the data loader runs on the training thread).
+    def rows(fill: Any, prompt_fill: Any, key: str | None, width: int = t_max) -> list[list[Any]]:
+        out = []
+        for ex, p, r in zip(examples, plens, rlens):
+            head = ex["prompt_ids"] + ex["response_ids"] if key is None else [prompt_fill] * p + list(ex[key])
+            out.append(head + [fill] * (width - p - r))
+        return out
+
+    cands = [list(ex.get("candidates", ())) for ex in examples]
     return {
-        "input_ids": input_ids,
-        "prompt_len": prompt_len,
-        "attention_mask": attention_mask,
-        "answer_kind": answer_kind,
-        "distance": distance,
-        "loss_weight": loss_weight,
+        "input_ids": torch.tensor(rows(pad_id, None, None), dtype=torch.long).view(b, t_max),
+        "prompt_len": torch.tensor(plens, dtype=torch.long),
+        "attention_mask": torch.tensor([[True] * (p + r) + [False] * (t_max - p - r) for p, r in zip(plens, rlens)],
+                                       dtype=torch.bool).view(b, t_max),
+        "answer_kind": torch.tensor(rows(0, 0, "answer_kind"), dtype=torch.long).view(b, t_max),
+        "distance": torch.tensor(rows(-1, -1, "distance"), dtype=torch.long).view(b, t_max),
+        "loss_weight": torch.tensor(rows(0.0, 0.0, "loss_weight"), dtype=torch.float32).view(b, t_max),
         "task": [ex["task"] for ex in examples],
         "n_facts": torch.tensor([int(ex["n_facts"]) for ex in examples], dtype=torch.long),
         "index": torch.tensor([int(ex["meta"]["index"]) for ex in examples], dtype=torch.long),
-        "candidates": candidates,
-        "chance": chance,
+        "candidates": torch.tensor([c + [-1] * (n_cand - len(c)) for c in cands], dtype=torch.long).view(b, n_cand),
+        "chance": torch.tensor([float(ex.get("chance", math.nan)) for ex in examples], dtype=torch.float32),
     }
 
 

@@ -7,7 +7,9 @@ task module fills with ``@register_task``; ``generate_example`` draws example ``
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -176,11 +178,18 @@ def draw_distance(rng: np.random.Generator, allowed: list[int], edges: list[int]
     So every bucket is equally covered and nothing about the example (which fact, which query)
     correlates with the distance; distances past the last edge form one more bucket.
     """
+    groups = _bucket_groups(tuple(allowed), tuple(edges))
+    group = groups[int(rng.integers(len(groups)))]
+    return group[int(rng.integers(len(group)))]
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_groups(allowed: tuple[int, ...], edges: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    # the distances of each non-empty bucket, buckets in order (cached: every example asks the same)
     groups: dict[int, list[int]] = {}
     for d in allowed:
-        groups.setdefault(int(np.searchsorted(edges, d, side="right")) - 1, []).append(d)
-    bucket = sorted(groups)[int(rng.integers(len(groups)))]
-    return int(groups[bucket][int(rng.integers(len(groups[bucket])))])
+        groups.setdefault(bisect.bisect_right(edges, d) - 1, []).append(int(d))
+    return tuple(tuple(groups[b]) for b in sorted(groups))
 
 
 def synthetic_token_strs(ids: list[int], groups: list[tuple[str, int, int]]) -> list[str]:
