@@ -21,6 +21,9 @@ from prosg.errors import ConfigError
 from prosg.sweep import (
     collect, expand, format_value, launchers, load_sweep, main, prepare, read_status, run_one, submitit_parameters,
 )
+from prosg.sweep.command import Outcome, cap_steps
+from prosg.sweep.report import Collected
+from prosg.sweep.launchers import INTERRUPTED, NOT_STARTED
 from prosg.sweep.runner import write_status
 from prosg.train import lightning_main
 
@@ -110,6 +113,40 @@ def test_bad_sweep_files_name_the_fix(tmp_path, body, match):
         expand(load_sweep(write_sweep(tmp_path, body)))
 
 
+def test_steps_cap_every_run_and_keep_shorter_axis_schedules(tmp_path):
+    """--steps of demo / pretrain / recycle: one meaning, at most N steps; an axis's 250 or 0 (evaluation only) stays."""
+    body = """
+seeds: [0]
+overrides: {trainer.max_steps: 400, trainer.val_check_interval: 400}
+axes:
+  method:
+    plain: {model.method: ../method/plain.yaml, trainer.max_steps: 0}
+    short: {model.method: ../method/plain.yaml, trainer.max_steps: 250, trainer.val_check_interval: 250}
+    sg: {model.method: ../method/sg.yaml}
+"""
+    for cap, want in ((100, {"plain": 0, "short": 100, "sg": 100}), (300, {"plain": 0, "short": 250, "sg": 300})):
+        sweep = load_sweep(write_sweep(tmp_path, body))
+        cap_steps(sweep, cap)
+        got = {r.labels["method"]: r.overrides["trainer.max_steps"] for r in expand(sweep)}
+        assert got == want
+    with pytest.raises(ConfigError, match="--steps -1"):
+        cap_steps(sweep, -1)
+
+
+@pytest.mark.parametrize("statuses, failed, code", [
+    ([{"status": "done"}], [], 0),
+    ([], [], 0),  # everything was done before
+    ([{"status": "failed"}], ["a"], 1),
+    ([{"status": "done"}, {"status": INTERRUPTED}], ["b"], 130),
+    ([{"status": NOT_STARTED}], ["a"], 130),
+])
+def test_sweep_commands_exit_130_when_interrupted(statuses, failed, code, capsys):
+    collected = Collected(rows=[], summary=[], columns={}, problems=[{"name": n} for n in failed], files=[], notes=[])
+    assert Outcome(sweep=None, runs=[], launched=statuses, collected=collected).exit_status() == code
+    err = capsys.readouterr().err
+    assert ("did not finish: " + ", ".join(failed) in err) == bool(failed)
+
+
 def test_structured_label_axis_with_when(tmp_path):
     body = "axes:\n  a: {x: {}, z: {}}\n  c: {values: {y: {model.lr: 1}, w: null}, when: {a: x}}\n"
     runs = expand(load_sweep(write_sweep(tmp_path, body)))
@@ -129,7 +166,7 @@ def test_duplicate_run_names_are_rejected(tmp_path):
 
 # hand-counted grids of the shipped sweeps (a sweep not listed is checked for self-consistency only)
 EXPECTED_RUNS = {"smoke": 4, "demo": 15, "methods": 15, "recall_methods": 36, "rank_ablation": 22, "state_size": 20,
-                 "compare_joint": 72, "pretrain": 2, "frozen": 12, "recycle": 40, "pretrain_lm": 3,
+                 "compare_joint": 72, "pretrain": 2, "frozen": 21, "recycle": 40, "pretrain_lm": 3,
                  "lm_instruction": 27}
 # tiny stand-ins for pretrained backbones a sweep names but the checkout does not hold yet
 STAND_IN = {"mamba": {"d_model": 16, "n_layer": 1}, "rwkv7": {"d_model": 32, "n_layer": 1, "head_size": 16},

@@ -18,6 +18,7 @@ import os
 import sys
 
 from prosg import results
+from prosg.sweep.command import run_sweep, sweep_options
 
 DEMO_SWEEP = "sweep/demo.yaml"  # in prosg.paths.conf_dir(): the clone's conf/ or the copy installed with prosg
 
@@ -54,33 +55,11 @@ def format_table(table: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the demo sweep, print the forgetting table, write results.json."""
     p = argparse.ArgumentParser(prog="prosg demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", help="the sweep to run (default: conf/sweep/demo.yaml, shipped with prosg)")
-    p.add_argument("--out-dir", default="runs/demo", help="where runs, tables, plots and results.json go")
+    sweep_options(p, DEMO_SWEEP, runs_dir="runs/demo", runs_flags=("--out-dir", "--runs-dir"))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
-    p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
-    p.add_argument("--steps", type=int, help="override trainer.max_steps (e.g. a quick smoke run)")
     args = p.parse_args(argv)
-
-    from prosg.paths import conf_dir
-    from prosg.sweep import collect, expand, launch, load_sweep
-    from prosg.sweep.launchers import was_interrupted
-
-    if args.sweep is None:
-        args.sweep = str(conf_dir() / DEMO_SWEEP)
-    sweep = load_sweep(args.sweep, out_dir=args.out_dir)
-    if args.seeds:
-        sweep.seeds = list(args.seeds)
-    if args.steps:  # caps every run, including those whose axis sets its own schedule (gpt)
-        keys = ("trainer.max_steps", "trainer.val_check_interval")
-        sweep.overrides.update(dict.fromkeys(keys, args.steps))
-        for options in (o for axis in sweep.axes for o in axis.options.values()):
-            options.update({k: args.steps for k in keys if k in options})
-    sweep.launcher.update({"name": "local", "jobs": args.jobs, "threads": 1})
-    runs = expand(sweep)
-    print(f"prosg demo: {len(runs)} runs ({', '.join(a.name for a in sweep.axes)} x {len(sweep.seeds)} seeds), "
-          f"{args.jobs} at a time, single-threaded each; results in {sweep.out_dir}", file=sys.stderr)
-    launched = launch(sweep, runs)
-    collected = collect(sweep, runs)
+    outcome = run_sweep(args, DEMO_SWEEP, launcher={"name": "local", "jobs": args.jobs, "threads": 1}, plots=True)
+    sweep, collected = outcome.sweep, outcome.collected
     table = results.forgetting_table(collected.rows, demo_group)
     summary = {
         "task": "recall",
@@ -101,9 +80,4 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults.json: {out}")
     for f in collected.files:
         print(f"{f.suffix[1:]:>8}: {f}")
-    failed = [pr["name"] for pr in collected.problems]
-    if failed:
-        print(f"\n{len(failed)} run(s) did not finish: {', '.join(failed)} (see their log.txt)", file=sys.stderr)
-    if was_interrupted(launched):
-        return 130
-    return 1 if failed else 0
+    return outcome.exit_status()

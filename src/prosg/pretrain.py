@@ -8,7 +8,7 @@ with ``provenance.json``: the command, the sweep file, the run's full arguments 
 (and, when it trained on ``text``, the corpus: source, Python version, per split characters and sha256),
 the software versions, its validation and test metrics, and the sha256 of every file. Experiments load
 them with ``model.pretrained: assets/pretrained/<run>`` and freeze them. ``--steps`` replaces the sweep's
-steps, ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs (a shortened run, e.g. in CI:
+steps (an axis's own shorter schedule stays), ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs (a shortened run, e.g. in CI:
 ``--steps 2 --set model.backbone.init_args.d_model=16``).
 """
 
@@ -21,7 +21,6 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -101,62 +100,18 @@ def publish(run_dir: Path, out: Path, sweep_path: Path, command: str | None = No
     return dest
 
 
-def _assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` (the value read as YAML) -> (key, value)."""
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise ConfigError(f"--set {text!r}: write KEY=VALUE, e.g. --set model.backbone.init_args.d_model=16")
-    return key, yaml.safe_load(value)
-
-
-def _finalise(runs: list, last: dict[str, Any], export: bool) -> None:
-    """Apply ``last`` after every axis of every run and, with ``export``, make sure each run saves its backbone."""
+def with_export(runs: list) -> None:
+    """Make sure every run saves its backbone (``ExportBackbone``) unless its callbacks already do."""
     for run in runs:
-        merged = {k: v for k, v in run.overrides.items() if k not in last}
-        merged.update(last)
-        callbacks = [v for k, v in merged.items() if k.startswith("trainer.callbacks")]
-        exporting = not export or any("ExportBackbone" in json.dumps(v) for v in callbacks)
-        if not exporting:
-            merged["trainer.callbacks+"] = EXPORT
-        run.overrides = merged
-
-
-def sweep_options(p: argparse.ArgumentParser, default: str) -> None:
-    """The options of a command that runs a sweep first: --sweep, --runs-dir, --steps, --seeds."""
-    p.add_argument("--sweep", help=f"the sweep file (default: conf/{default})")
-    p.add_argument("--runs-dir", help="where the runs go (default: the sweep's out_dir)")
-    p.add_argument("--steps", type=int, help="override trainer.max_steps (a shortened run, e.g. in CI)")
-    p.add_argument("--seeds", type=int, nargs="*", help="override the sweep's seeds")
-
-
-def run_sweep(args: argparse.Namespace, default: str, check: Callable[[list[Any]], None] | None = None,
-              export: bool = False) -> tuple[Any, list[Any], Any]:
-    """Load the sweep of ``args`` (its --steps / --seeds applied; --set and --only where the command has them),
-    ``check`` its runs, run or resume them, collect them: (sweep, runs, collected). ``export``: every run saves
-    its backbone (``ExportBackbone``)."""
-    from prosg.paths import conf_dir
-    from prosg.sweep import collect, expand, launch, load_sweep, select
-
-    if args.sweep is None:
-        args.sweep = str(conf_dir() / default)
-    sweep = load_sweep(args.sweep, out_dir=args.runs_dir)
-    if args.seeds:
-        sweep.seeds = list(args.seeds)
-    if args.steps:  # before the axes: an axis's own max_steps (0: evaluation only) still wins
-        sweep.overrides.update({"trainer.max_steps": args.steps, "trainer.val_check_interval": args.steps})
-    runs = expand(sweep)
-    last = dict(_assignment(a) for a in getattr(args, "set", None) or [])
-    if last or export:
-        _finalise(runs, last, export)
-    runs = select(runs, getattr(args, "only", None))
-    if check is not None:
-        check(runs)
-    launch(sweep, runs)
-    return sweep, runs, collect(sweep, runs, plots=False)
+        callbacks = [v for k, v in run.overrides.items() if k.startswith("trainer.callbacks")]
+        if not any("ExportBackbone" in json.dumps(v) for v in callbacks):
+            run.overrides["trainer.callbacks+"] = EXPORT
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the pretraining sweep and publish every finished backbone."""
+    from prosg.sweep.command import run_sweep, sweep_options
+
     p = argparse.ArgumentParser(prog="prosg pretrain", description=__doc__.split("\n\n")[0])
     sweep_options(p, PRETRAIN_SWEEP)
     p.add_argument("--out", default="assets/pretrained", help="where the backbones are published (default: assets/pretrained)")
@@ -165,15 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more override for every run, applied after the axes (repeatable)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
-    sweep, runs, collected = run_sweep(args, PRETRAIN_SWEEP, export=True)
+    outcome = run_sweep(args, PRETRAIN_SWEEP, finalise=with_export)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["prosg", "pretrain", *argv])
-    for run in runs:
-        if (sweep.out_dir / run.name / "metrics.json").is_file():
-            dest = publish(sweep.out_dir / run.name, out, Path(args.sweep), command)
+    for run in outcome.runs:
+        if (outcome.sweep.out_dir / run.name / "metrics.json").is_file():
+            dest = publish(outcome.sweep.out_dir / run.name, out, Path(args.sweep or outcome.sweep.path), command)
             print(f"published {dest}")
-    failed = [pr["name"] for pr in collected.problems]
-    if failed:
-        print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return outcome.exit_status()

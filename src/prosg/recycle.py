@@ -473,7 +473,7 @@ def pretrained_exist(runs: list[Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the recycling sweep, recycle every source method to the target, write the table."""
-    from prosg.pretrain import run_sweep, sweep_options
+    from prosg.sweep.command import run_sweep, sweep_options
 
     p = argparse.ArgumentParser(prog="prosg recycle", description=__doc__.split("\n\n")[0])
     sweep_options(p, RECYCLE_SWEEP)
@@ -503,11 +503,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--retrained gives {len(args.retrained)} checkpoints for {len(args.ckpt)} --ckpt; pair them in order")
         cases = [Case(None, None, Path(c), Path(r) if r else None)
                  for c, r in zip(args.ckpt, args.retrained or [None] * len(args.ckpt))]
-        target_dir, title, out, failed = args.target_backbone, f"Recycled onto {args.target_backbone}", Path(args.out or "."), []
+        target_dir, title, out, outcome = args.target_backbone, f"Recycled onto {args.target_backbone}", Path(args.out or "."), None
     else:
-        sweep, runs, collected = run_sweep(args, RECYCLE_SWEEP, check=pretrained_exist)
-        failed = [pr["name"] for pr in collected.problems]
-        done = [r for r in runs if r.name not in failed]
+        outcome = run_sweep(args, RECYCLE_SWEEP, check=pretrained_exist)
+        sweep, failed = outcome.sweep, outcome.failed
+        done = [r for r in outcome.runs if r.name not in failed]
         cases, target_dir = sweep_cases(sweep, done, args.axis, args.source, args.target)
         title = f"Recycling {sweep.name}: {args.source} -> {args.target} ({target_dir})"
         out = Path(args.out) if args.out else sweep.out_dir
@@ -536,6 +536,4 @@ def main(argv: list[str] | None = None) -> int:
     (out / "recycle.md").write_text(text)
     print(text)
     print(f"wrote {out / 'recycle.md'} and {out / 'recycle.json'}", file=sys.stderr)
-    if failed:
-        print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return 0 if outcome is None else outcome.exit_status()
