@@ -94,6 +94,25 @@ def test_missing_truncated_and_directory_checkpoints_are_one_line(tmp_path, caps
     assert "is a directory" in cli_error(capsys, ["test", *args, str(tmp_path)])
 
 
+def test_checkpoint_data_reader_names_a_truncated_or_foreign_file(tmp_path):
+    """``read_checkpoint`` (what recycling and ``generate`` read a checkpoint's data config with) fails in one line."""
+    from prosg.checkpoints import read_checkpoint
+    from prosg.errors import CheckpointError
+    from prosg.generate_cli import checkpoint_datamodule
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, good)
+    assert checkpoint_datamodule(str(good)) is None  # no saved DataModule: names are optional
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="could not load .*truncated"):
+        checkpoint_datamodule(str(truncated))
+    foreign = tmp_path / "list.ckpt"
+    torch.save([torch.zeros(2)], foreign)
+    with pytest.raises(CheckpointError, match="holds a list, not a checkpoint dict"):
+        read_checkpoint(str(foreign))
+
+
 # -- arguments ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
 def test_misspelt_key_is_one_line_without_the_usage(command, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 from prosg.errors import CheckpointError
 
@@ -48,3 +49,18 @@ def load_error(ckpt: str, e: BaseException) -> CheckpointError:
         f"could not load {ckpt!r} ({type(e).__name__}: {detail}); it must be a complete checkpoint written by "
         "`prosg fit` (truncated or foreign files fail here)"
     )
+
+
+def read_checkpoint(ckpt: str) -> dict[str, Any]:
+    """The dict a ``prosg fit`` checkpoint holds, memory-mapped and read with ``weights_only=True``; a
+    CheckpointError naming the fix for a missing, corrupt or foreign file."""
+    import torch
+
+    path = check_ckpt_path(ckpt)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except LOAD_ERRORS as e:
+        raise load_error(ckpt, e) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{ckpt!r} holds a {type(saved).__name__}, not a checkpoint dict; use one written by `prosg fit`")
+    return saved

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from prosg.checkpoints import LOAD_ERRORS, check_ckpt_path, load_error
+from prosg.checkpoints import LOAD_ERRORS, check_ckpt_path, load_error, read_checkpoint
 from prosg.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,11 +31,12 @@ def load_checkpoint(ckpt: str, map_location: Any = "cpu"):
         raise load_error(ckpt, e) from None
 
 
-def checkpoint_datamodule(ckpt: str) -> Any | None:
-    """The DataModule a checkpoint was trained on (rebuilt from its saved hyper-parameters), or None."""
+def checkpoint_datamodule(ckpt: str | dict[str, Any]) -> Any | None:
+    """The DataModule a checkpoint (a path, or the dict ``read_checkpoint`` gave) was trained on, rebuilt from its
+    saved hyper-parameters, or None."""
     from prosg.data.cli import instantiate_datamodule
 
-    saved = torch.load(check_ckpt_path(ckpt), map_location="cpu", weights_only=True)
+    saved = read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
     hp = dict(saved.get("datamodule_hyper_parameters") or {})
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)

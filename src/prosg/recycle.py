@@ -350,14 +350,15 @@ def recycle_case(case: Case, target_dir: str, recyclers: list[str] | None, fit: 
                  base_cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every number of one source method: source on source, base, recycled (per recycler), re-trained."""
     from prosg.backbones import from_pretrained
+    from prosg.checkpoints import read_checkpoint
     from prosg.generate_cli import checkpoint_datamodule, load_checkpoint
 
     src = load_checkpoint(str(case.source_ckpt)).eval()
-    dm = checkpoint_datamodule(str(case.source_ckpt))
+    saved = read_checkpoint(str(case.source_ckpt))
+    dm = checkpoint_datamodule(saved)
     if dm is None:
         raise ConfigError(f"{case.source_ckpt}: the checkpoint's data cannot be rebuilt here, so there is no test set to score on")
-    data_key = json.dumps(torch.load(case.source_ckpt, map_location="cpu", weights_only=True)
-                          .get("datamodule_hyper_parameters"), sort_keys=True, default=str)
+    data_key = json.dumps(saved.get("datamodule_hyper_parameters"), sort_keys=True, default=str)
     target = from_pretrained(target_dir).eval()
     check_same_family(src.backbone, target)  # before any evaluation: a one-line error, not a stack of them
     if data_key not in base_cache:  # the target alone, once per test set
