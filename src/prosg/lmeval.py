@@ -47,7 +47,7 @@ MODES = ("greedy", "sampled")
 LETTER, NOT_NAME, LEAK = "letter", "not_name", "leak"
 OUTCOMES = (results.ACC, results.BIND_ERR, results.NOT_PROMPT, NOT_NAME)  # exclusive; they sum to 1
 STATS = (*OUTCOMES, LETTER, LEAK)
-FREE = "free"  # the slice prefix: <split>/free/<mode>/...
+FREE = results.FREE
 STREAM = 7  # the free-running draws (d, adjective) use their own RNG stream beside the example's
 
 

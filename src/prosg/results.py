@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 ALL = "all"  # the slice over every task and fact count
+FREE = "free"  # the slices of free-running metrics (prosg.lmeval): <split>/free/<mode>/...
 ACC, AREA, HALF_LIFE, LOCAL_ACC, PPL, LOSS = "acc", "area", "half_life", "local_acc", "ppl", "loss"
 # what a forgetting curve reports per distance bucket besides accuracy: binding errors (another prompt
 # answer), answers outside the prompt, the reference lines, and the distances the bucket really holds

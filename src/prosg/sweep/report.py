@@ -26,7 +26,7 @@ from prosg.sweep.spec import Axis, Run, Sweep
 from prosg.sweep.tuning import best_per_cell, tuning_markdown
 
 MEMORY = results.SIZE_COLUMNS["memory"]
-FREE = "free"  # the slice of free-running metrics (prosg.lmeval), imported only when a run has them
+FREE = results.FREE
 
 
 @dataclass
