@@ -56,6 +56,16 @@ class CellSession:
     writes: list[Tensor] = field(default_factory=list)  # W_o,ℓ m_ℓ (B, D): what every later position gets
     stepping: bool = False  # every forward is after the prompt (generated or forced tokens)
     handles: list[Any] = field(default_factory=list)
+    masks: dict[int, tuple[int, Tensor, Tensor]] = field(default_factory=dict)  # L -> (P, prompt, after)
+
+    def positions(self, L: int, device: torch.device) -> tuple[int, Tensor, Tensor]:
+        """For a pass over L positions: P prompt positions read, the (B, P) prompt mask and the (B, L) mask of the
+        positions after the prompt; made once per pass length, not at every block (a host sync each on GPU)."""
+        if L not in self.masks:
+            P = int(self.prompt_len.max().clamp(max=L))
+            pos = torch.arange(L, device=device)[None, :]
+            self.masks[L] = (P, pos[:, :P] < self.prompt_len[:, None], pos >= self.prompt_len[:, None])
+        return self.masks[L]
 
     def start_steps(self, n_blocks: int) -> None:
         """From now on every call is after the prompt: add the stored writes everywhere."""
@@ -114,9 +124,8 @@ class GlobalPromptCell(SoftPrompt):
     def cell(self, layer: int, x: Tensor, s: CellSession) -> Tensor:
         """Read the prompt positions of the stream x (B, L, D) entering ``layer``: update m, return W_o m (B, D)."""
         L, D = x.shape[1], x.shape[2]
-        P = int(s.prompt_len.max().clamp(max=L))
+        P, prompt, _ = s.positions(L, x.device)
         h = F.layer_norm(x[:, :P], (D,)).to(self.query.dtype)
-        prompt = torch.arange(P, device=x.device)[None, :] < s.prompt_len[:, None]  # (B, P)
         scores = (h @ self.query[layer] / math.sqrt(D)).masked_fill(~prompt, float("-inf"))
         summary = torch.einsum("bp,bpd->bd", torch.softmax(scores, dim=-1), h)
         prev = s.memory[layer - 1] if layer > 0 else h.new_zeros(h.shape[0], self.d_cell)
@@ -135,7 +144,7 @@ class GlobalPromptCell(SoftPrompt):
                 w = s.writes[layer]
                 return (x + (w if x.dim() == 2 else w[:, None]).to(x.dtype), *args[1:])
             w = self.cell(layer, x, s)
-            after = torch.arange(x.shape[1], device=x.device)[None, :] >= s.prompt_len[:, None]  # (B, L)
+            after = s.positions(x.shape[1], x.device)[2]  # (B, L)
             return (x + w[:, None].to(x.dtype) * after[..., None].to(x.dtype), *args[1:])
         return hook
 
