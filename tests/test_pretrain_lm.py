@@ -20,7 +20,8 @@ TINY = ["--set", "model.backbone.init_args.d_model=16", "--set", "model.backbone
 
 
 @pytest.mark.slow  # three runs, each a fresh Python importing torch + Lightning: ~30-60 s on 2 shared cores
-def test_shortened_pretrain_lm_publishes_loadable_backbones_that_generate(tmp_path, capsys):
+def test_shortened_pretrain_lm_publishes_loadable_backbones_that_generate(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # as from a clone: the provenance names the clone's files relative to it (shippable)
     out, runs = tmp_path / "lm", tmp_path / "runs"
     assert prosg_main(["pretrain", "--sweep", str(SWEEP), "--out", str(out), "--runs-dir", str(runs), "--steps", "2",
                        *TINY]) == 0
@@ -31,6 +32,8 @@ def test_shortened_pretrain_lm_publishes_loadable_backbones_that_generate(tmp_pa
         prov = json.loads((d / "provenance.json").read_text())
         assert prov["made_by"].startswith("prosg pretrain --sweep") and "--steps 2" in prov["made_by"]
         assert prov["seed"] == 0 and prov["global_step"] == 2 and prov["params"] > 0
+        assert prov["sweep"] == "conf/sweep/pretrain_lm.yaml" and not any(str(ROOT) in a for a in prov["args"])
+        assert "--config=conf/experiment/plain.yaml" in prov["args"] or "conf/experiment/plain.yaml" in prov["args"]
         assert prov["corpus"] == corpus and prov["corpus"]["splits"]["train"]["sha256"]
         assert [t["name"] for t in prov["data"]["init_args"]["tasks"]] == ["text", "instruction"]
         assert prov["sha256"]["model.safetensors"] == sha256(d / "model.safetensors")

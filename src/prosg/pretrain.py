@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -81,9 +82,11 @@ def publish(run_dir: Path, out: Path, sweep_path: Path, command: str | None = No
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     data = (config or {}).get("data")
     kept = lambda part: {k: v for k, v in metrics.get(part, {}).items() if any(m in k for m in KEPT_METRICS)}
+    here = f"{Path.cwd()}{os.sep}"  # paths under the working directory are written relative to it: shippable
+    local = lambda text: str(text).replace(here, "")
     provenance = {
-        "made_by": command or f"prosg pretrain --sweep {sweep_path}",
-        "sweep": str(sweep_path), "run": spec["name"], "seed": spec["seed"], "args": spec["args"],
+        "made_by": command or f"prosg pretrain --sweep {local(sweep_path)}",
+        "sweep": local(sweep_path), "run": spec["name"], "seed": spec["seed"], "args": [local(a) for a in spec["args"]],
         "data": data,
         "corpus": None,
         "versions": _versions(),
