@@ -18,6 +18,7 @@ the last edge go to an *overflow* bucket ``acc/<last>-inf`` (or are dropped with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -95,6 +96,25 @@ def half_life(x: Sequence[float], y: Sequence[float]) -> float:
     return math.inf
 
 
+@dataclass
+class Binding:
+    """A batch's answer-set comparisons (what binding error, not-in-prompt and the value-set ceiling count)."""
+
+    has_set: Tensor  # (B, 1) the sample has an answer set
+    in_set: Tensor  # (B, T) the prediction is one of the sample's answers
+    share: Tensor  # (B, T) float64: the share of the answer set equal to the target (the value-set ceiling)
+
+    @staticmethod
+    def of(pred: Tensor, target: Tensor, candidates: Tensor) -> Binding:
+        """From predictions and targets (B, T) and the answer sets (B, K), -1 padded."""
+        valid = candidates >= 0  # (B, K)
+        n_set = valid.sum(1)  # (B,)
+        in_set = ((pred[..., None] == candidates[:, None, :]) & valid[:, None, :]).any(-1)
+        share = ((target[..., None] == candidates[:, None, :]) & valid[:, None, :]).sum(-1)
+        share = share.to(torch.float64) / n_set.clamp(min=1).to(torch.float64)[:, None]
+        return Binding((n_set > 0)[:, None], in_set, share)
+
+
 class ForgettingCurve(Metric):
     """Accuracy per distance bucket on answers of one kind (default 2 = prompt answers).
 
@@ -132,13 +152,15 @@ class ForgettingCurve(Metric):
         self.add_state("dmax", torch.full((n,), -1, dtype=torch.long), dist_reduce_fx="max")
 
     def update(self, correct: Tensor, distance: Tensor, answer_kind: Tensor, pred: Tensor | None = None,
-               target: Tensor | None = None, candidates: Tensor | None = None, chance: Tensor | None = None) -> None:
+               target: Tensor | None = None, candidates: Tensor | None = None, chance: Tensor | None = None,
+               binding: Binding | None = None) -> None:
         """Count positions with ``answer_kind == kind`` per distance bucket.
 
         With ``pred``/``target`` (B, T) and the per-sample answer set ``candidates`` (B, K, -1 padded)
         it also counts binding errors (a wrong prediction that is another of the prompt's answers),
         predictions outside the prompt's answers, and the value-set ceiling (the share of the set equal
-        to the target); ``chance`` (B,) is averaged per bucket as the reference line.
+        to the target); ``chance`` (B,) is averaged per bucket as the reference line. ``binding``: those
+        answer-set comparisons already made (``Binding.of``), for a caller that updates several curves per batch.
         """
         _check_same_shape(correct=correct, distance=distance, answer_kind=answer_kind)
         # right=True: index i means edges[i-1] <= d < edges[i]; -1 -> below the first edge.
@@ -158,14 +180,11 @@ class ForgettingCurve(Metric):
             ok = keep & torch.isfinite(ch)
             self.with_chance.scatter_add_(0, flat, ok.flatten().long())
             self.chance_sum.scatter_add_(0, flat, torch.where(ok, ch, 0.0).flatten())
-        if candidates is None or pred is None or target is None:
-            return
-        valid = candidates >= 0  # (B, K)
-        n_set = valid.sum(1)  # (B,)
-        has_set = keep & (n_set > 0)[:, None]
-        in_set = ((pred[..., None] == candidates[:, None, :]) & valid[:, None, :]).any(-1)  # (B, T)
-        share = ((target[..., None] == candidates[:, None, :]) & valid[:, None, :]).sum(-1)  # (B, T)
-        share = share.to(torch.float64) / n_set.clamp(min=1).to(torch.float64)[:, None]
+        if binding is None:
+            if candidates is None or pred is None or target is None:
+                return
+            binding = Binding.of(pred, target, candidates)
+        has_set, in_set, share = keep & binding.has_set, binding.in_set, binding.share
         wrong = ~correct.bool()
         self.with_set.scatter_add_(0, flat, has_set.flatten().long())
         self.other.scatter_add_(0, flat, (has_set & wrong & in_set).flatten().long())
@@ -370,7 +389,8 @@ class ForgettingMetrics(nn.Module):
         ids, kind, dist = batch["input_ids"], batch["answer_kind"], batch["distance"]
         pred = next_token_pred(logits, ids)  # one argmax over the vocabulary for accuracy and binding alike
         correct = pred == ids
-        extra = dict(pred=pred, target=ids, candidates=batch.get("candidates"), chance=batch.get("chance"))
+        cands = batch.get("candidates")
+        extra = dict(chance=batch.get("chance"), binding=None if cands is None else Binding.of(pred, ids, cands))
         rows = torch.tensor(self._row_slices(batch), device=ids.device)  # (B,)
         for s, curve in enumerate(self.curves):
             # Every slice is updated every step (zeroed kinds outside it): no rank skips a state.
