@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 from prosg import results
 from prosg.sweep.command import run_sweep, sweep_options

@@ -7,9 +7,9 @@ every run if the sweep file does not name it). The command then copies each one 
 with ``provenance.json``: the command, the sweep file, the run's full arguments and seed, its data config
 (and, when it trained on ``text``, the corpus: source, Python version, per split characters and sha256),
 the software versions, its validation and test metrics, and the sha256 of every file. Experiments load
-them with ``model.pretrained: assets/pretrained/<run>`` and freeze them. ``--steps`` replaces the sweep's
-steps (an axis's own shorter schedule stays), ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs (a shortened run, e.g. in CI:
-``--steps 2 --set model.backbone.init_args.d_model=16``).
+them with ``model.pretrained: assets/pretrained/<run>`` and freeze them. ``--steps`` caps the sweep's steps
+(an axis's own shorter schedule stays), ``--set KEY=VALUE`` applies after every axis, ``--only`` picks runs
+(a shortened run, e.g. in CI: ``--steps 2 --set model.backbone.init_args.d_model=16``).
 """
 
 from __future__ import annotations
