@@ -102,11 +102,11 @@ def test_checkpoint_data_reader_names_a_truncated_or_foreign_file(tmp_path):
 
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, good)
-    assert checkpoint_datamodule(str(good)) is None  # no saved DataModule: names are optional
+    assert checkpoint_datamodule(read_checkpoint(str(good))) is None  # no saved DataModule: names are optional
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="could not load .*truncated"):
-        checkpoint_datamodule(str(truncated))
+        read_checkpoint(str(truncated))
     foreign = tmp_path / "list.ckpt"
     torch.save([torch.zeros(2)], foreign)
     with pytest.raises(CheckpointError, match="holds a list, not a checkpoint dict"):

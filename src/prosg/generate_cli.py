@@ -31,12 +31,11 @@ def load_checkpoint(ckpt: str, map_location: Any = "cpu"):
         raise load_error(ckpt, e) from None
 
 
-def checkpoint_datamodule(ckpt: str | dict[str, Any]) -> Any | None:
-    """The DataModule a checkpoint (a path, or the dict ``read_checkpoint`` gave) was trained on, rebuilt from its
-    saved hyper-parameters, or None."""
+def checkpoint_datamodule(saved: dict[str, Any]) -> Any | None:
+    """The DataModule a checkpoint (the dict ``read_checkpoint`` gave) was trained on, rebuilt from its saved
+    hyper-parameters, or None."""
     from prosg.data.cli import instantiate_datamodule
 
-    saved = read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
     hp = dict(saved.get("datamodule_hyper_parameters") or {})
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = parse_ids(a.prompt_ids, "--prompt-ids") if a.prompt_ids is not None else None
     stop_ids = parse_ids(a.stop_ids, "--stop-ids")
     method = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
-    dm = checkpoint_datamodule(a.ckpt) if a.ckpt else None
+    dm = checkpoint_datamodule(read_checkpoint(a.ckpt)) if a.ckpt else None
     encode, on_token = _printer(a, dm)
     if ids is None:
         ids = encode(a.prompt)

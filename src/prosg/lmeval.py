@@ -344,7 +344,7 @@ def _letter_leak(rows: list[dict], group_of: Callable, group_names: Sequence[str
     """Per group and bucket: first letter right % (mean ± std over seeds) / stories that leaked the name %."""
     buckets = _buckets(rows, results.prefix(split, where))
     head = [*group_names, *(f"d {results.bucket_label(lo, hi)}" for lo, hi in buckets)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = results.md_head(head)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(group_of(r)), []).append(r)
@@ -353,7 +353,7 @@ def _letter_leak(rows: list[dict], group_of: Callable, group_names: Sequence[str
         for lo, hi in buckets:
             stat = lambda s: results.cell_stats(group, results.metric_key(split, where, results.bucket_metric(lo, hi, s)))  # noqa: E731,B023
             cells.append(f"{_pct(stat(LETTER))} / {_pct(stat(LEAK))}")
-        lines.append("| " + " | ".join([*g, *cells]) + " |")
+        lines.append(results.md_row([*g, *cells]))
     return "\n".join(lines)
 
 
@@ -383,13 +383,13 @@ def model_markdown(metrics: dict[str, float], title: str, split: str = "test") -
     for mode in modes_in(metrics, split):
         where = results.prefix(split, free_slice(mode))
         head = ["d", "n", "distances", *names.values(), "chance / ceiling", "teacher-forced"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines = results.md_head(head)
         for lo, hi in _buckets([{"metrics": metrics}], where):
             get = lambda stat, w=where: metrics.get(f"{w}/{results.bucket_metric(lo, hi, stat)}", math.nan)  # noqa: E731,B023
             tf = metrics.get(results.metric_key(split, results.ALL, results.bucket_metric(lo, hi)), math.nan)
-            lines.append("| " + " | ".join([
+            lines.append(results.md_row([
                 results.bucket_label(lo, hi), f"{get(results.COUNT):.0f}", f"{get(results.DMIN):.0f}–{get(results.DMAX):.0f}",
-                *(pct(get(s)) for s in names), f"{pct(get(results.CHANCE))} / {pct(get(results.CEILING))}", pct(tf)]) + " |")
+                *(pct(get(s)) for s in names), f"{pct(get(results.CHANCE))} / {pct(get(results.CEILING))}", pct(tf)]))
         overall = ", ".join(f"{names[s]} {pct(metrics.get(f'{where}/{s}', math.nan))} %" for s in names)
         parts.append(f"## {mode}\n\n%; d = tokens (bytes) the model wrote before the cue; the teacher-forced column is "
                      f"the first byte of the name after the task's own story, by the name's position.\n\n"
@@ -477,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         raise ConfigError(f"{str(e).splitlines()[0]} (see `prosg lm-eval -h`)") from None
     from prosg.data.tokenizers import load_tokenizer
+    from prosg.checkpoints import read_checkpoint
     from prosg.generate_cli import checkpoint_datamodule, load_model
 
     method = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
-    dm = checkpoint_datamodule(a.ckpt) if a.ckpt else None
+    dm = checkpoint_datamodule(read_checkpoint(a.ckpt)) if a.ckpt else None
     tokenizer = load_tokenizer(a.tokenizer or getattr(dm, "tokenizer_spec", None) or "byte")
     task = _task(a, dm)
     edges = a.bucket_edges or default_bucket_edges(task.distance_range[1] + 1, first=32)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prosg import results
 from prosg.backbones.base import Backbone
 from prosg.errors import ConfigError
 from prosg.methods import GlobalPromptCell, Method, Oracle, Plain, ProSG, SoftPrompt
@@ -328,7 +329,6 @@ def module_for(backbone: Backbone, method: Method, datamodule: Any) -> Any:
 
 def headline(metrics: dict[str, float]) -> dict[str, Any]:
     """Overall prompt-fact accuracy and the farthest distance bucket's (where forgetting shows)."""
-    from prosg import results
 
     buckets = [b for b in results.bucket_keys(metrics, under="test/all") if not math.isnan(metrics[b[0]])]
     far = buckets[-1] if buckets else None  # the farthest bucket the test set has answers in
@@ -379,7 +379,6 @@ def recycle_case(case: Case, target_dir: str, recyclers: list[str] | None, fit: 
 
 
 def _mean(xs: list[float]) -> float:
-    from prosg import results
 
     return results.mean_std(xs).mean
 
@@ -422,12 +421,12 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             "re-trained"]
     lines = [f"## {title}", "", "Test prompt-fact accuracy % (mean over sources). A recycled method counts when it beats "
              "the target alone on the same test set; gain kept = mean(recycled − alone) / mean(re-trained − alone).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+             *results.md_head(head)]
     for r in rows:
         cells = [r["method"], r["recycler"], f"{r['recycled']} / {r['n']}", pct(r["rate"]), pct(r["base_acc"]),
                  pct(r["acc"]), pct(r["retrained_acc"]), pct(r["source_acc"]), pct(r["gain_kept"]), pct(r["base_far"]),
                  pct(r["far"]), pct(r["retrained_far"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(results.md_row(cells))
     return "\n".join(lines) + "\n"
 
 

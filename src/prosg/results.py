@@ -301,12 +301,22 @@ def bucket_range(cell: dict[str, dict[str, Any]]) -> str:
     return "–" if math.isnan(lo) else f"{int(lo)}–{int(hi)}"
 
 
+def md_row(cells: Iterable[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def md_head(head: Sequence[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return [md_row(head), "|" + "|".join("---" for _ in head) + "|"]
+
+
 def forgetting_markdown(table: dict, group_names: Sequence[str]) -> str:
     """The forgetting table as markdown: per group and bucket ``acc ± std`` (%) with the binding error,
     then the distances each bucket really held, chance and the value-set ceiling (from the data)."""
     buckets = sort_labels({b for cells in table.values() for b in cells})
     head = [*group_names, *(f"d {b}" for b in buckets)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = md_head(head)
     pct = lambda c, s: f"{100 * c[s]['mean']:.1f}"  # noqa: E731
     for g, cells in table.items():
         vals = []
@@ -318,12 +328,12 @@ def forgetting_markdown(table: dict, group_names: Sequence[str]) -> str:
             std = "" if math.isnan(c[ACC]["std"]) else f" ± {100 * c[ACC]['std']:.1f}"
             bind = "" if math.isnan(c[BIND_ERR]["mean"]) else f" (bind {pct(c, BIND_ERR)})"
             vals.append(f"{pct(c, ACC)}{std}{bind}")
-        lines.append("| " + " | ".join([*g, *vals]) + " |")
+        lines.append(md_row([*g, *vals]))
     ref = next(iter(table.values()), {})
     pad = [""] * (len(group_names) - 1)
 
     def row(title: str, fn: Any) -> str:
-        return "| " + " | ".join([title, *pad, *(fn(ref[b]) if b in ref else "–" for b in buckets)]) + " |"
+        return md_row([title, *pad, *(fn(ref[b]) if b in ref else "–" for b in buckets)])
 
     lines.append(row("*distances*", bucket_range))
     lines.append(row("*chance / value-set ceiling*", lambda c: f"{pct(c, CHANCE)} / {pct(c, CEILING)}"))

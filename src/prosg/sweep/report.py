@@ -142,12 +142,11 @@ def _markdown(sweep: Sweep, axis_names: list[str], summary: list[dict], headline
              f"{n_done}/{len(rows)} runs done; mean ± std over seeds (sample std; n = seeds with results). "
              f"Columns from {source}. {_seed_text(sweep)}", ""]
     header = [*axis_names, "n", *columns]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += results.md_head(header)
     for entry in summary:
         cells = [entry["labels"][a] or "–" for a in axis_names]
         cells += [str(entry["n"]), *(_cell_text(t, entry[t], entry["n"]) for t in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(results.md_row(cells))
     if problems:
         lines += ["", f"## Not done ({len(problems)})", ""]
         for p in problems:

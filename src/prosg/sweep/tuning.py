@@ -76,11 +76,11 @@ def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], spl
     kept = [a for a in axis_names if a not in tuning.over]
     head = [*kept, *(f"best {a}" for a in tuning.over), tuning.by, "settings tried"]
     lines = [f"## Best per cell on validation (tuned over {', '.join(tuning.over)}; by {tuning.by})", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+             *results.md_head(head)]
     for b in best:
         cells = [b["labels"][a] or "–" for a in kept] + [b["chosen"][a] for a in tuning.over]
         cells += [results.format_stats(b["score"]), str(b["tried"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(results.md_row(cells))
     chosen = {id(r): b for b in best for r in b["runs"]}
     rows = [r for b in best for r in b["runs"]]
     table = results.forgetting_table(rows, lambda r: [chosen[id(r)]["labels"][a] or "–" for a in kept], split)
