@@ -24,7 +24,7 @@ def test_best_setting_is_chosen_by_mean_validation_never_by_test():
     assert best["plain"]["chosen"] == {"lr": "lr2"} and best["plain"]["score"].mean == pytest.approx(0.45)
     assert best["sg"]["chosen"] == {"lr": "lr1"} and best["plain"]["tried"] == 2
     md = tuning_markdown(list(best.values()), tuning, ["method", "lr"])
-    assert "| plain | lr2 | 0.450 ± 0.000 | 2 |" in md and "| plain | 25.0 ± 7.1 (bind 10.0) |" in md
+    assert "| plain | lr2 | 0.450 ± 0.000 | 2 | 2 |" in md and "| plain | 25.0 ± 7.1 (bind 10.0) |" in md
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -36,3 +36,68 @@ def test_bad_tune_sections_name_the_fix(raw, match):
     with pytest.raises(ConfigError, match=match):
         parse_tuning(raw, ["method", "lr"], Path("s.yaml"))
     assert parse_tuning(None, ["lr"], Path("s.yaml")) is None
+
+
+def test_confirmation_seeds_never_choose():
+    """Runs on ``tune.seeds`` are reported with the chosen setting but never decide which setting it is."""
+    done = [row("sg", "lr1", 0, 0.6, 0.5), row("sg", "lr2", 0, 0.5, 0.5),
+            row("sg", "lr1", 1, 0.1, 0.5), row("sg", "lr2", 1, 0.9, 0.5)]  # seed 1 alone would flip the choice
+    (best,) = best_per_cell(done, Tuning(["lr"], "val/all/acc", seeds=[1]), ["method", "lr"])
+    assert best["chosen"] == {"lr": "lr1"} and best["score"].mean == pytest.approx(0.6) and best["score"].n == 1
+    assert sorted(r["seed"] for r in best["runs"]) == [0, 1]  # the confirmation run is reported with it
+
+
+def _tuned_sweep(tmp_path, seeds="[0]", tune_seeds="[1, 2]"):
+    from prosg.paths import conf_dir
+    from prosg.sweep.spec import load_sweep
+
+    path = tmp_path / "tuned.yaml"
+    path.write_text(f"experiment: {conf_dir() / 'experiment' / 'plain.yaml'}\nout_dir: {tmp_path / 'runs'}\n"
+                    f"seeds: {seeds}\naxes:\n  method: {{plain: {{}}, sg: {{}}}}\n"
+                    "  lr: {key: model.lr, values: [0.001, 0.01], label: 'lr{value}'}\n"
+                    f"tune: {{over: [lr], by: val/all/acc, seeds: {tune_seeds}}}\n")
+    return load_sweep(path)
+
+
+def _finish(sweep, run, val):
+    import json
+
+    d = sweep.out_dir / run.name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "status.json").write_text(json.dumps({"status": "done"}))
+    m = row(run.labels["method"], run.labels["lr"], run.seed, val, 0.5)["metrics"]
+    (d / "metrics.json").write_text(json.dumps({"val": {"val/all/acc": val},
+                                                "test": {k: v for k, v in m.items() if k.startswith("test/")}}))
+
+
+def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
+    from prosg.sweep.report import collect, confirmation_runs
+    from prosg.sweep.spec import expand
+
+    sweep = _tuned_sweep(tmp_path)
+    runs = expand(sweep)
+    assert sorted(r.name for r in runs) == ["plain-lr0.001-s0", "plain-lr0.01-s0", "sg-lr0.001-s0", "sg-lr0.01-s0"]
+    val = {"plain-lr0.001-s0": 0.7, "plain-lr0.01-s0": 0.2, "sg-lr0.001-s0": 0.3}
+    for run in runs:
+        if run.name in val:
+            _finish(sweep, run, val[run.name])
+    confirm, waiting = confirmation_runs(sweep, runs)
+    assert [r.name for r in confirm] == ["plain-lr0.001-s1", "plain-lr0.001-s2"] and waiting == ["sg"]
+    assert confirm[0].overrides["model.lr"] == 0.001 and confirm[1].overrides["seed_everything"] == 2
+    assert confirm[1].overrides["data.init_args.seed"] == 2
+    _finish(sweep, next(r for r in runs if r.name == "sg-lr0.01-s0"), 0.9)
+    confirm, waiting = confirmation_runs(sweep, runs)
+    assert sorted(r.name for r in confirm)[2:] == ["sg-lr0.01-s1", "sg-lr0.01-s2"] and waiting == []
+    for run in confirm:
+        _finish(sweep, run, 0.0)  # worse than every tuning run: the choice stands (seed 0 decides)
+    collected = collect(sweep, runs, plots=False)
+    assert len(collected.rows) == 8 and not collected.problems
+    md = (sweep.out_dir / "results.md").read_text()
+    assert "| plain | lr0.001 | 0.700 | 2 | 3 |" in md and "| sg | lr0.01 | 0.900 | 2 | 3 |" in md
+
+
+def test_confirmation_seeds_must_differ_from_the_tuning_seeds(tmp_path):
+    with pytest.raises(ConfigError, match="must differ from seeds"):
+        _tuned_sweep(tmp_path, seeds="[0, 1]", tune_seeds="[1, 2]")
+    with pytest.raises(ConfigError, match="tune.seeds must be a list of distinct ints"):
+        _tuned_sweep(tmp_path, tune_seeds="[1, 1]")

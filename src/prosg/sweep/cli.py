@@ -6,7 +6,7 @@ import argparse
 import shlex
 
 from prosg.sweep.launchers import CLUSTERS, LAUNCHERS, launch, was_interrupted
-from prosg.sweep.report import collect
+from prosg.sweep.report import collect, confirmation_runs
 from prosg.sweep.runner import read_status, run_one
 from prosg.sweep.spec import expand, load_sweep, select
 
@@ -42,11 +42,23 @@ def main(argv: list[str] | None = None) -> int:
               f"in {sweep.out_dir}")
         for run in chosen:
             print(f"{run.name} [{read_status(sweep.out_dir / run.name).get('status', 'new')}]: {shlex.join(run.args())}")
+        if sweep.tune is not None and sweep.tune.seeds:
+            cells = {tuple(v for k, v in r.labels.items() if k not in sweep.tune.over) for r in runs}
+            print(f"then each of the {len(cells)} cells' setting chosen on {sweep.tune.by} (over "
+                  f"{', '.join(sweep.tune.over)}) runs on seeds {sweep.tune.seeds}: {len(cells) * len(sweep.tune.seeds)} more runs")
         return 0
     if a.collect:
         collect(sweep, runs)
         return 0
     results = launch(sweep, chosen, a.launcher, a.cluster)
+    if sweep.tune is not None and sweep.tune.seeds and not was_interrupted(results):
+        confirm, waiting = confirmation_runs(sweep, runs)
+        if waiting:
+            print(f"not yet confirmed on seeds {sweep.tune.seeds} (tuning runs not all done): {', '.join(waiting)}")
+        confirm = select(confirm, a.only, required=False)
+        if confirm:
+            print(f"confirming the chosen settings: {len(confirm)} run(s) on seeds {sweep.tune.seeds}")
+            results += launch(sweep, confirm, a.launcher, a.cluster)
     collect(sweep, runs)
     if was_interrupted(results):
         return 130  # as a shell reports a command ended by Ctrl-C

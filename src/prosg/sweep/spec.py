@@ -245,6 +245,10 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
             raise ConfigError(f"{path}: axis name {name!r} is reserved or has characters other than letters, digits, . _ + = -")
         axes.append(_parse_axis(str(name), spec, [a.name for a in axes], base))
     launcher = check_launcher(raw.get("launcher"), path)
+    tune = parse_tuning(raw.get("tune"), [a.name for a in axes], path)
+    if tune is not None and set(tune.seeds) & set(seeds):
+        raise ConfigError(f"{path}: tune.seeds {tune.seeds} must differ from seeds {seeds}: the tuning seeds choose, the "
+                          "extra seeds only confirm the chosen setting")
     return Sweep(
         name=str(raw.get("name") or path.stem),
         path=path,
@@ -255,7 +259,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
         overrides=_overrides(raw.get("overrides"), "overrides", base),
         axes=axes,
         launcher=launcher,
-        tune=parse_tuning(raw.get("tune"), [a.name for a in axes], path),
+        tune=tune,
     )
 
 
@@ -311,12 +315,19 @@ def expand(sweep: Sweep) -> list[Run]:
     return runs
 
 
-def select(runs: list[Run], only: list[str] | None) -> list[Run]:
-    """The runs whose names match any of the ``only`` globs (all runs without globs)."""
+def reseed(run: Run, seed: int, seed_keys: dict[str, str]) -> Run:
+    """The same grid cell as ``run`` on another seed (what a tuned setting's confirmation runs are)."""
+    return Run(name="-".join([*run.labels.values(), f"s{seed}"]), labels=dict(run.labels), axes=dict(run.axes), seed=seed,
+               experiment=run.experiment, overrides=_merge(run.overrides, seed_overrides(seed_keys, seed)), sweep=run.sweep)
+
+
+def select(runs: list[Run], only: list[str] | None, required: bool = True) -> list[Run]:
+    """The runs whose names match any of the ``only`` globs (all runs without globs); none matching is an
+    error when ``required``."""
     if not only:
         return runs
     chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
-    if not chosen:
+    if not chosen and required:
         raise ConfigError(f"--only {only} matches none of the {len(runs)} runs; see their names with --dry-run")
     return chosen
 

@@ -4,17 +4,20 @@ A sweep file may name the axes that are tuned and the validation metric that dec
 
     tune:
       over: [lr, steps]          # axes tuned separately for every cell of the other axes
-      by: val/all/acc            # maximised; the mean over seeds decides (as Zoology picks its lr)
+      by: val/all/acc            # maximised; the mean over the sweep's seeds decides (as Zoology picks its lr)
+      seeds: [1, 2]              # optional: then run each cell's chosen setting on these seeds too
 
 ``collect`` then adds a table with, per cell of the other axes, the chosen setting (its labels on
 the tuned axes), its validation score and its test metrics over seeds — every method gets the same
-grid and the same rule, and the test split never takes part in the choice.
+grid and the same rule, and the test split never takes part in the choice. With ``seeds``, the grid
+runs on the sweep's ``seeds`` only (the tuning seeds, which alone decide), and ``prosg sweep`` then
+runs the chosen settings on the extra seeds: the table reports the chosen setting over all of them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,15 @@ class Tuning:
 
     over: list[str]
     by: str
+    seeds: list[int] = field(default_factory=list)  # extra seeds the chosen settings run on (not used to choose)
 
 
 def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     """The ``tune:`` section of a sweep file, checked against its axes (None when absent)."""
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - {"over", "by"} or "over" not in raw:
-        raise ConfigError(f"{path}: tune must be {{over: [axis, ...], by: val/all/acc}}; got {raw!r}")
+    if not isinstance(raw, dict) or set(raw) - {"over", "by", "seeds"} or "over" not in raw:
+        raise ConfigError(f"{path}: tune must be {{over: [axis, ...], by: val/all/acc, seeds: [extra seeds]}}; got {raw!r}")
     over = [raw["over"]] if isinstance(raw["over"], str) else list(raw["over"])
     unknown = [a for a in over if a not in axis_names]
     if unknown or not over:
@@ -44,14 +48,20 @@ def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     key = results.parse_key(by)
     if key is None or key.split != "val":
         raise ConfigError(f"{path}: tune.by={by!r} must be a validation metric (val/...): the test split never picks")
-    return Tuning(over, by)
+    seeds = raw.get("seeds") or []
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: tune.seeds must be a list of distinct ints (the extra seeds of the chosen settings); "
+                          f"got {seeds!r}")
+    return Tuning(over, by, list(seeds))
 
 
 def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> list[dict]:
     """Per cell of the untuned axes: the tuned setting with the best mean ``tuning.by`` and its runs.
 
     Each entry: ``labels`` (untuned axes), ``chosen`` (tuned axes -> label), ``score`` (Stats of the
-    validation metric), ``runs`` (the chosen setting's runs, one per seed), ``tried`` (settings compared).
+    validation metric over the tuning seeds), ``runs`` (the chosen setting's runs, one per seed, the
+    confirmation seeds included), ``tried`` (settings compared). Runs on ``tuning.seeds`` never decide.
     """
     kept = [a for a in axis_names if a not in tuning.over]
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
@@ -61,7 +71,8 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> li
         cells.setdefault(cell, {}).setdefault(setting, []).append(r)
     out = []
     for cell, settings in cells.items():
-        scored = [(results.cell_stats(runs, tuning.by), setting, runs) for setting, runs in settings.items()]
+        scored = [(results.cell_stats([r for r in runs if r["seed"] not in tuning.seeds], tuning.by), setting, runs)
+                  for setting, runs in settings.items()]
         scored = [s for s in scored if not math.isnan(s[0].mean)]
         if not scored:
             continue
@@ -74,12 +85,12 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> li
 def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], split: str = "test") -> str:
     """The tuned table: chosen setting, its validation score, then the forgetting table of the chosen runs."""
     kept = [a for a in axis_names if a not in tuning.over]
-    head = [*kept, *(f"best {a}" for a in tuning.over), tuning.by, "settings tried"]
+    head = [*kept, *(f"best {a}" for a in tuning.over), tuning.by, "settings tried", "seeds reported"]
     lines = [f"## Best per cell on validation (tuned over {', '.join(tuning.over)}; by {tuning.by})", "",
              *results.md_head(head)]
     for b in best:
         cells = [b["labels"][a] or "–" for a in kept] + [b["chosen"][a] for a in tuning.over]
-        cells += [results.format_stats(b["score"]), str(b["tried"])]
+        cells += [results.format_stats(b["score"]), str(b["tried"]), str(len(b["runs"]))]
         lines.append(results.md_row(cells))
     chosen = {id(r): b for b in best for r in b["runs"]}
     rows = [r for b in best for r in b["runs"]]
