@@ -136,6 +136,20 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], axis_names: list[str]) ->
     return path
 
 
+def read_csv(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """A results.csv (``_write_csv``) -> (axis names, one row per run: run, status, seed, axes (text), metrics (NaN
+    when empty)), the rows ``results.forgetting_table`` and ``results.cell_stats`` take."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, raw = reader.fieldnames or [], list(reader)
+    meta = ("run", "status", "seed")
+    axes = [c for c in header if c not in meta and not results.is_metric_column(c)]
+    rows = [{"run": r["run"], "status": r["status"], "seed": int(r["seed"]), "axes": {a: r[a] for a in axes},
+             "labels": {a: r[a] for a in axes},  # the values as text: what tables and tuning group by
+             "metrics": {c: results.number(v) for c, v in r.items() if results.is_metric_column(c)}} for r in raw]
+    return axes, rows
+
+
 def _cell_text(title: str, stats: results.Stats, of: int) -> str:
     """A results.md cell: a size as a whole number (it is the same for every seed), a metric as mean ± std."""
     if title in results.SIZE_COLUMNS and stats.n and not stats.std > 0:
