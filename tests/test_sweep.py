@@ -551,3 +551,24 @@ def test_seeds_redraw_the_data_by_default_and_templates_fill_in_the_seed(tmp_pat
     assert runs[0].overrides["seed_everything"] == 1 and "data.init_args.seed" not in runs[0].overrides
     with pytest.raises(ConfigError, match="seed_keys must be"):
         load_sweep(write_sweep(tmp_path, "seed_keys: 3\n", name="u.yaml"))
+
+
+@pytest.mark.slow  # three subprocess runs, ~20-40 s
+def test_tuned_sweep_runs_the_chosen_setting_on_the_confirmation_seeds(tmp_path, monkeypatch, capsys):
+    """``prosg sweep`` with ``tune.seeds``: the grid on the tuning seed, then the chosen setting on the extra seed,
+    all in the tuned table; running it again launches nothing."""
+    body = TINY.format(debug=CONF / "trainer/debug.yaml", gpt=CONF / "model/gpt.yaml") + (
+        "axes:\n  lr: {key: model.lr, values: [0.001, 0.01], label: 'lr{value}'}\n"
+        "tune: {over: [lr], by: val/all/acc, seeds: [1]}\n"
+    )
+    path = write_sweep(tmp_path, body)
+    out = tmp_path / "out"
+    assert main([str(path)]) == 0
+    done = sorted(d.name for d in out.iterdir() if d.is_dir() and read_status(d).get("status") == "done")
+    chosen = [d for d in done if d.endswith("-s1")]
+    assert len(done) == 3 and len(chosen) == 1 and chosen[0].replace("-s1", "-s0") in done
+    assert "confirming the chosen settings: 1 run(s) on seeds [1]" in capsys.readouterr().out
+    assert f"| {chosen[0].split('-')[0]} | " in (out / "results.md").read_text().split("Best per cell")[1]
+    launched = []
+    monkeypatch.setattr(launchers, "execute_run", lambda d, env=None: launched.append(Path(d).name) or read_status(d))
+    assert main([str(path)]) == 0 and launched == []
