@@ -476,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         a = _parser().parse_args(argv)
     except ArgumentError as e:
         raise ConfigError(f"{str(e).splitlines()[0]} (see `prosg lm-eval -h`)") from None
-    from prosg.data.tokenizers import load_tokenizer
     from prosg.checkpoints import read_checkpoint
+    from prosg.data.tokenizers import load_tokenizer
     from prosg.generate_cli import checkpoint_datamodule, load_model
 
     method = load_model(a.ckpt, a.pretrained, a.device, a.dtype)

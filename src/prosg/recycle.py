@@ -329,7 +329,6 @@ def module_for(backbone: Backbone, method: Method, datamodule: Any) -> Any:
 
 def headline(metrics: dict[str, float]) -> dict[str, Any]:
     """Overall prompt-fact accuracy and the farthest distance bucket's (where forgetting shows)."""
-
     buckets = [b for b in results.bucket_keys(metrics, under="test/all") if not math.isnan(metrics[b[0]])]
     far = buckets[-1] if buckets else None  # the farthest bucket the test set has answers in
     return {"acc": metrics.get("test/all/acc", math.nan), "far": metrics[far[0]] if far else math.nan,
@@ -379,7 +378,6 @@ def recycle_case(case: Case, target_dir: str, recyclers: list[str] | None, fit: 
 
 
 def _mean(xs: list[float]) -> float:
-
     return results.mean_std(xs).mean
 
 

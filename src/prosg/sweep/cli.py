@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in chosen:
             print(f"{run.name} [{read_status(sweep.out_dir / run.name).get('status', 'new')}]: {shlex.join(run.args())}")
         if sweep.tune is not None and sweep.tune.seeds:
-            cells = {tuple(v for k, v in r.labels.items() if k not in sweep.tune.over) for r in runs}
+            cells = {sweep.tune.cell(r.labels, [a.name for a in sweep.axes]) for r in runs}
             print(f"then each of the {len(cells)} cells' setting chosen on {sweep.tune.by} (over "
                   f"{', '.join(sweep.tune.over)}) runs on seeds {sweep.tune.seeds}: {len(cells) * len(sweep.tune.seeds)} more runs")
         return 0

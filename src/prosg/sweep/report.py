@@ -58,19 +58,19 @@ def _read_runs(out: Path, runs: list[Run]) -> tuple[list[dict[str, Any]], list[d
     return rows, problems
 
 
-def confirmation_runs(sweep: Sweep, runs: list[Run]) -> tuple[list[Run], list[str]]:
+def confirmation_runs(sweep: Sweep, runs: list[Run], rows: list[dict[str, Any]] | None = None) -> tuple[list[Run], list[str]]:
     """The chosen setting of every tuned cell whose tuning runs are all done, on each of ``tune.seeds``; and the
-    cells still waiting for their tuning runs (their choice is not made yet)."""
+    cells still waiting for their tuning runs (their choice is not made yet). ``rows``: ``runs`` already read."""
     if sweep.tune is None or not sweep.tune.seeds:
         return [], []
-    rows, _ = _read_runs(sweep.out_dir, runs)
-    kept = [a.name for a in sweep.axes if a.name not in sweep.tune.over]
-    cell_of = lambda labels: tuple(labels.get(a, "") for a in kept)  # noqa: E731
-    waiting = {cell_of(r["labels"]) for r in rows if not r["metrics"]}
+    if rows is None:
+        rows, _ = _read_runs(sweep.out_dir, runs)
+    axis_names = [a.name for a in sweep.axes]
+    waiting = {sweep.tune.cell(r["labels"], axis_names) for r in rows if not r["metrics"]}
     by_name = {r.name: r for r in runs}
-    done = [r for r in rows if r["metrics"] and cell_of(r["labels"]) not in waiting]
+    done = [r for r in rows if r["metrics"] and sweep.tune.cell(r["labels"], axis_names) not in waiting]
     confirm = [reseed(by_name[b["runs"][0]["run"]], seed, sweep.seed_keys)
-               for b in best_per_cell(done, sweep.tune, [a.name for a in sweep.axes]) for seed in sweep.tune.seeds]
+               for b in best_per_cell(done, sweep.tune, axis_names) for seed in sweep.tune.seeds]
     return confirm, ["-".join(c) or "run" for c in sorted(waiting)]
 
 
@@ -79,9 +79,11 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
     plots into out_dir; print the table."""
     out = sweep.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    names = {r.name for r in runs}
-    runs = runs + [r for r in confirmation_runs(sweep, runs)[0] if r.name not in names]
     rows, problems = _read_runs(out, runs)
+    names = {r.name for r in runs}
+    confirm = [r for r in confirmation_runs(sweep, runs, rows)[0] if r.name not in names]
+    more_rows, more_problems = _read_runs(out, confirm)
+    rows, problems = rows + more_rows, problems + more_problems
     axis_names = [a.name for a in sweep.axes]
     done = [r for r in rows if r["metrics"]]
     headline = results.headline_keys(done)

@@ -292,7 +292,7 @@ def expand(sweep: Sweep) -> list[Run]:
     runs, seen = [], {}
     for cell in cells:
         for seed in sweep.seeds:
-            name = "-".join([*(label for _, label in cell), f"s{seed}"])
+            name = run_name([label for _, label in cell], seed)
             overrides = _merge(
                 sweep.overrides, *(axis.options[label] for axis, label in cell), seed_overrides(sweep.seed_keys, seed)
             )
@@ -315,9 +315,14 @@ def expand(sweep: Sweep) -> list[Run]:
     return runs
 
 
+def run_name(labels: list[str], seed: int) -> str:
+    """A run's name: its axis labels in axis order and its seed, e.g. ``mamba-sg-rank4-s0``."""
+    return "-".join([*labels, f"s{seed}"])
+
+
 def reseed(run: Run, seed: int, seed_keys: dict[str, str]) -> Run:
     """The same grid cell as ``run`` on another seed (what a tuned setting's confirmation runs are)."""
-    return Run(name="-".join([*run.labels.values(), f"s{seed}"]), labels=dict(run.labels), axes=dict(run.axes), seed=seed,
+    return Run(name=run_name(list(run.labels.values()), seed), labels=dict(run.labels), axes=dict(run.axes), seed=seed,
                experiment=run.experiment, overrides=_merge(run.overrides, seed_overrides(seed_keys, seed)), sweep=run.sweep)
 
 

@@ -33,6 +33,10 @@ class Tuning:
     by: str
     seeds: list[int] = field(default_factory=list)  # extra seeds the chosen settings run on (not used to choose)
 
+    def cell(self, labels: dict[str, str], axis_names: list[str]) -> tuple[str, ...]:
+        """The labels of the untuned axes: the cell a run is tuned within ("" for an axis it skips)."""
+        return tuple(labels.get(a, "") for a in axis_names if a not in self.over)
+
 
 def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     """The ``tune:`` section of a sweep file, checked against its axes (None when absent)."""
@@ -66,7 +70,7 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> li
     kept = [a for a in axis_names if a not in tuning.over]
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in done:
-        cell = tuple(r["labels"].get(a, "") for a in kept)
+        cell = tuning.cell(r["labels"], axis_names)
         setting = tuple(r["labels"].get(a, "") for a in tuning.over)
         cells.setdefault(cell, {}).setdefault(setting, []).append(r)
     out = []
