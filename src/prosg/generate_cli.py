@@ -31,6 +31,13 @@ def load_checkpoint(ckpt: str, map_location: Any = "cpu"):
         raise load_error(ckpt, e) from None
 
 
+def open_checkpoint(ckpt: str) -> tuple[Any, dict[str, Any]]:
+    """A ``ProSGModule`` from a ``prosg fit`` checkpoint and the checkpoint's dict (its data config), both read
+    with ``weights_only=True``; the dict is memory-mapped, so the tensors are read once."""
+    saved = read_checkpoint(ckpt)
+    return load_checkpoint(ckpt), saved
+
+
 def checkpoint_datamodule(saved: dict[str, Any]) -> Any | None:
     """The DataModule a checkpoint (the dict ``read_checkpoint`` gave) was trained on, rebuilt from its saved
     hyper-parameters, or None."""
@@ -47,8 +54,9 @@ def checkpoint_datamodule(saved: dict[str, Any]) -> Any | None:
         return None
 
 
-def load_model(ckpt: str | None, pretrained: str | None, device: str = "cpu", dtype: str = "float32"):
-    """The method to generate with (attached to its backbone), on ``device`` in ``dtype``."""
+def load_model(ckpt: str | None, pretrained: str | None, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any | None]:
+    """The method to generate with (attached to its backbone), on ``device`` in ``dtype``, and the DataModule a
+    checkpoint was trained on (None for a pretrained directory, or data that cannot be rebuilt here)."""
     if (ckpt is None) == (pretrained is None):
         raise ConfigError("give exactly one of --ckpt (a `prosg fit` checkpoint) or --pretrained (a backbone directory)")
     if dtype not in DTYPES:
@@ -62,10 +70,10 @@ def load_model(ckpt: str | None, pretrained: str | None, device: str = "cpu", dt
 
         method = as_method(from_pretrained(pretrained).eval())
         method.backbone.to(device=device, dtype=DTYPES[dtype])
-        return method
-    module = load_checkpoint(ckpt).eval()
-    module.to(device=device, dtype=DTYPES[dtype])
-    return module.method
+        return method, None
+    module, saved = open_checkpoint(ckpt)
+    module.eval().to(device=device, dtype=DTYPES[dtype])
+    return module.method, checkpoint_datamodule(saved)
 
 
 class TextStream:
@@ -158,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = parse_ids(a.prompt_ids, "--prompt-ids") if a.prompt_ids is not None else None
     stop_ids = parse_ids(a.stop_ids, "--stop-ids")
-    method = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
-    dm = checkpoint_datamodule(read_checkpoint(a.ckpt)) if a.ckpt else None
+    method, dm = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
     encode, on_token = _printer(a, dm)
     if ids is None:
         ids = encode(a.prompt)

@@ -476,12 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         a = _parser().parse_args(argv)
     except ArgumentError as e:
         raise ConfigError(f"{str(e).splitlines()[0]} (see `prosg lm-eval -h`)") from None
-    from prosg.checkpoints import read_checkpoint
     from prosg.data.tokenizers import load_tokenizer
-    from prosg.generate_cli import checkpoint_datamodule, load_model
+    from prosg.generate_cli import load_model
 
-    method = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
-    dm = checkpoint_datamodule(read_checkpoint(a.ckpt)) if a.ckpt else None
+    method, dm = load_model(a.ckpt, a.pretrained, a.device, a.dtype)
     tokenizer = load_tokenizer(a.tokenizer or getattr(dm, "tokenizer_spec", None) or "byte")
     task = _task(a, dm)
     edges = a.bucket_edges or default_bucket_edges(task.distance_range[1] + 1, first=32)

@@ -349,11 +349,10 @@ def recycle_case(case: Case, target_dir: str, recyclers: list[str] | None, fit: 
                  base_cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every number of one source method: source on source, base, recycled (per recycler), re-trained."""
     from prosg.backbones import from_pretrained
-    from prosg.checkpoints import read_checkpoint
-    from prosg.generate_cli import checkpoint_datamodule, load_checkpoint
+    from prosg.generate_cli import checkpoint_datamodule, load_checkpoint, open_checkpoint
 
-    src = load_checkpoint(str(case.source_ckpt)).eval()
-    saved = read_checkpoint(str(case.source_ckpt))
+    src, saved = open_checkpoint(str(case.source_ckpt))
+    src.eval()
     dm = checkpoint_datamodule(saved)
     if dm is None:
         raise ConfigError(f"{case.source_ckpt}: the checkpoint's data cannot be rebuilt here, so there is no test set to score on")
