@@ -125,22 +125,18 @@ def _save_config_callback() -> type:
 
     class VersionedSaveConfigCallback(SaveConfigCallback):
         def setup(self, trainer, pl_module, stage: str) -> None:
-            if trainer.loggers or self.already_saved:
-                return super().setup(trainer, pl_module, stage)
-            if trainer.is_global_zero:
-                root = Path(trainer.default_root_dir)
-                root.mkdir(parents=True, exist_ok=True)
-                name = Path(self.config_filename)
+            # only the file name changes; Lightning's setup saves it (rank zero) and syncs the ranks
+            if not trainer.loggers and not self.already_saved and trainer.is_global_zero:
+                root, name = Path(trainer.default_root_dir), Path(self.config_filename)
                 path, n = root / name, 0
                 while path.exists():
                     n += 1
                     path = root / f"{name.stem}-v{n}{name.suffix}"
-                self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
                 if n:
+                    self.config_filename = path.name
                     print(f"prosg: trainer.logger is false and {root / name} belongs to an earlier run in this "
                           f"default_root_dir: this run's config is {path}", file=sys.stderr)
-                self.already_saved = True
-            self.already_saved = trainer.strategy.broadcast(self.already_saved)
+            super().setup(trainer, pl_module, stage)
 
     return VersionedSaveConfigCallback
 
