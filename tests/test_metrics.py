@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from prosg.errors import ConfigError, DataError
 from prosg import results
 from prosg.metrics import (
+    Binding,
     ForgettingCurve,
     ForgettingMetrics,
     ResponsePerplexity,
@@ -88,8 +89,8 @@ def test_binding_errors_outside_answers_and_reference_lines_by_hand():
     kind[0, [1, 2, 3, 5, 9]] = 2
     dist = torch.where(kind == 2, torch.arange(10)[None], -1)
     m = ForgettingCurve([0, 4, 8, 16])
-    m.update(pred == target, dist, kind, pred=pred, target=target,
-             candidates=torch.tensor([[7, 8, 9, -1]]), chance=torch.tensor([0.125]))
+    m.update(pred == target, dist, kind, chance=torch.tensor([0.125]),
+             binding=Binding.of(pred, target, torch.tensor([[7, 8, 9, -1]])))
     out = {k: float(v) for k, v in m.compute().items()}
     assert out["acc/0-4"] == pytest.approx(1 / 3) and out["bind_err/0-4"] == pytest.approx(1 / 3)
     assert out["not_prompt/0-4"] == pytest.approx(1 / 3)
@@ -99,8 +100,8 @@ def test_binding_errors_outside_answers_and_reference_lines_by_hand():
     assert out["acc"] + out["bind_err"] + out["not_prompt"] == pytest.approx(1.0)
     # a repeated value in the answer set raises the ceiling of the answers equal to it
     m2 = ForgettingCurve([0, 4])
-    m2.update(pred[:, :3] == target[:, :3], dist[:, :3], kind[:, :3], pred=pred[:, :3], target=target[:, :3],
-              candidates=torch.tensor([[7, 7, 8, 9]]), chance=torch.tensor([0.1]))
+    m2.update(pred[:, :3] == target[:, :3], dist[:, :3], kind[:, :3], chance=torch.tensor([0.1]),
+              binding=Binding.of(pred[:, :3], target[:, :3], torch.tensor([[7, 7, 8, 9]])))
     assert float(m2.compute()["ceiling/0-4"]) == pytest.approx((2 / 4 + 1 / 4) / 2)
 
 

@@ -151,16 +151,15 @@ class ForgettingCurve(Metric):
         self.add_state("dmin", torch.full((n,), NO_DISTANCE, dtype=torch.long), dist_reduce_fx="min")
         self.add_state("dmax", torch.full((n,), -1, dtype=torch.long), dist_reduce_fx="max")
 
-    def update(self, correct: Tensor, distance: Tensor, answer_kind: Tensor, pred: Tensor | None = None,
-               target: Tensor | None = None, candidates: Tensor | None = None, chance: Tensor | None = None,
+    def update(self, correct: Tensor, distance: Tensor, answer_kind: Tensor, chance: Tensor | None = None,
                binding: Binding | None = None) -> None:
         """Count positions with ``answer_kind == kind`` per distance bucket.
 
-        With ``pred``/``target`` (B, T) and the per-sample answer set ``candidates`` (B, K, -1 padded)
-        it also counts binding errors (a wrong prediction that is another of the prompt's answers),
-        predictions outside the prompt's answers, and the value-set ceiling (the share of the set equal
-        to the target); ``chance`` (B,) is averaged per bucket as the reference line. ``binding``: those
-        answer-set comparisons already made (``Binding.of``), for a caller that updates several curves per batch.
+        With ``binding`` (``Binding.of(pred, target, candidates)``: the predictions compared with each sample's
+        answer set, made once per batch for every curve) it also counts binding errors (a wrong prediction that
+        is another of the prompt's answers), predictions outside the prompt's answers, and the value-set
+        ceiling (the share of the set equal to the target); ``chance`` (B,) is averaged per bucket as the
+        reference line.
         """
         _check_same_shape(correct=correct, distance=distance, answer_kind=answer_kind)
         # right=True: index i means edges[i-1] <= d < edges[i]; -1 -> below the first edge.
@@ -181,9 +180,7 @@ class ForgettingCurve(Metric):
             self.with_chance.scatter_add_(0, flat, ok.flatten().long())
             self.chance_sum.scatter_add_(0, flat, torch.where(ok, ch, 0.0).flatten())
         if binding is None:
-            if candidates is None or pred is None or target is None:
-                return
-            binding = Binding.of(pred, target, candidates)
+            return
         has_set, in_set, share = keep & binding.has_set, binding.in_set, binding.share
         wrong = ~correct.bool()
         self.with_set.scatter_add_(0, flat, has_set.flatten().long())
