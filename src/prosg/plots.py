@@ -11,6 +11,9 @@ import numpy as np
 from prosg import results
 
 
+LEGEND_INSIDE = 10  # legend entries that still fit inside the axes
+
+
 def _pyplot():
     import matplotlib
 
@@ -57,12 +60,13 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
     if not points:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7 if len(groups) <= LEGEND_INSIDE else 9.5, 4.5))
     xs = np.array([x for _, x in points])
-    for label, runs in groups.items():
+    colors = _colors(plt, len(groups))
+    for (label, runs), color in zip(groups.items(), colors):
         mean, std = _mean_band([results.mean_std(m.get(k, math.nan) for m in runs) for k, _ in points])
         ok = ~np.isnan(mean)  # empty buckets are NaN: draw only where there is data
-        (line,) = ax.plot(xs[ok], mean[ok], marker="o", label=f"{label} (n={len(runs)})")
+        (line,) = ax.plot(xs[ok], mean[ok], marker="o", color=color, label=f"{label} (n={len(runs)})")
         ax.fill_between(xs[ok], (mean - std)[ok], (mean + std)[ok], color=line.get_color(), alpha=0.2)
     all_runs = [m for runs in groups.values() for m in runs]
     for stat, style, name in ((results.CEILING, "--", "value-set ceiling"), (results.CHANCE, ":", "chance")):
@@ -99,11 +103,21 @@ def metric_vs_axis(series: dict[str, dict[float, list[float]]], xlabel: str, yla
     _finish(plt, fig, ax, path, title)
 
 
+def _colors(plt, n: int) -> list:
+    """``n`` line colours, all different: the default cycle repeats after 10 (a sweep with more cells would
+    draw two of them alike)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def _finish(plt, fig, ax, path: Path, title: str) -> None:
-    """Title, grid, legend; save as PNG and free the figure."""
+    """Title, grid, legend (beside the axes when it is long); save as PNG and free the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(ax.get_legend_handles_labels()[0]) > LEGEND_INSIDE:
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
