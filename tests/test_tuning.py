@@ -71,7 +71,7 @@ def _finish(sweep, run, val):
 
 
 def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
-    from prosg.sweep.report import collect, confirmation_runs
+    from prosg.sweep.report import _tuned_label, collect, confirmation_runs
     from prosg.sweep.spec import expand
 
     sweep = _tuned_sweep(tmp_path)
@@ -90,10 +90,12 @@ def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
     assert sorted(r.name for r in confirm)[2:] == ["sg-lr0.01-s1", "sg-lr0.01-s2"] and waiting == []
     for run in confirm:
         _finish(sweep, run, 0.0)  # worse than every tuning run: the choice stands (seed 0 decides)
-    collected = collect(sweep, runs, plots=False)
+    collected = collect(sweep, runs)
     assert len(collected.rows) == 8 and not collected.problems
     md = (sweep.out_dir / "results.md").read_text()
     assert "| plain | lr0.001 | 0.700 | 2 | 3 |" in md and "| sg | lr0.01 | 0.900 | 2 | 3 |" in md
+    assert sweep.out_dir / "tuned_forgetting.png" in collected.files  # one curve per method at its chosen lr
+    assert _tuned_label({"labels": {"method": "sg"}, "chosen": {"lr": "lr0.01", "aux": ""}}) == "sg (lr0.01)"
 
 
 def test_confirmation_seeds_must_differ_from_the_tuning_seeds(tmp_path):

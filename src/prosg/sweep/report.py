@@ -239,8 +239,16 @@ def _group_label(r: dict, axis_names: list[str], skip: Collection[str] = ()) -> 
     return "-".join(r["labels"][a] for a in axis_names if a not in skip and a in r["labels"]) or "all"
 
 
+def _tuned_label(best: dict[str, Any]) -> str:
+    """A tuned cell's legend label: its untuned labels, then the chosen setting in brackets."""
+    cell = "-".join(v for v in best["labels"].values() if v) or "run"
+    chosen = ", ".join(v for v in best["chosen"].values() if v)
+    return f"{cell} ({chosen})" if chosen else cell
+
+
 def _plots(sweep: Sweep, done: list[dict], acc_key: str | None, out: Path, notes: list[str]) -> list[Path]:
-    """forgetting.png, acc_vs_rank.png and acc_vs_memory.png, each when the runs have what it shows."""
+    """forgetting.png (and tuned_forgetting.png for a tuned sweep), acc_vs_rank.png and acc_vs_memory.png, each when
+    the runs have what it shows."""
     from prosg import plots
 
     axis_names = [a.name for a in sweep.axes]
@@ -254,6 +262,12 @@ def _plots(sweep: Sweep, done: list[dict], acc_key: str | None, out: Path, notes
         files.append(path)
     else:
         notes.append(f"no distance-bucket accuracies under {prefix}: forgetting plot skipped")
+    if sweep.tune is not None:  # one curve per cell at its chosen setting: the grid's every curve would hide it
+        tuned = {_tuned_label(b): [r["metrics"] for r in b["runs"]] for b in best_per_cell(done, sweep.tune, axis_names)}
+        path = out / "tuned_forgetting.png"
+        if tuned and plots.forgetting_curves(tuned, prefix, path, title=f"{sweep.name}: each cell's setting chosen on "
+                                             f"{sweep.tune.by} ({prefix})"):
+            files.append(path)
 
     rank = _numeric_axis(sweep, ("rank",))
     if rank is None:
