@@ -85,6 +85,8 @@ def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
     assert [r.name for r in confirm] == ["plain-lr0.001-s1", "plain-lr0.001-s2"] and waiting == ["sg"]
     assert confirm[0].overrides["model.lr"] == 0.001 and confirm[1].overrides["seed_everything"] == 2
     assert confirm[1].overrides["data.init_args.seed"] == 2
+    collect(sweep, runs, plots=False)  # sg's choice is made from 1 of its 2 settings so far: the table says so
+    assert "| sg | lr0.001 | 0.300 | 1 of 2 (provisional) | 1 |" in (sweep.out_dir / "results.md").read_text()
     _finish(sweep, next(r for r in runs if r.name == "sg-lr0.01-s0"), 0.9)
     confirm, waiting = confirmation_runs(sweep, runs)
     assert sorted(r.name for r in confirm)[2:] == ["sg-lr0.01-s1", "sg-lr0.01-s2"] and waiting == []

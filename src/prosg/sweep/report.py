@@ -23,7 +23,7 @@ from typing import Any, Callable, Collection
 from prosg import results
 from prosg.sweep.runner import read_json, read_status
 from prosg.sweep.spec import Axis, Run, Sweep, reseed
-from prosg.sweep.tuning import best_per_cell, tuning_markdown
+from prosg.sweep.tuning import best_per_cell, planned_settings, tuning_markdown
 
 MEMORY = results.SIZE_COLUMNS["memory"]
 FREE = results.FREE
@@ -100,8 +100,12 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
         for labels, group in cells.items()
     ]
     notes: list[str] = []
+    best = None
+    if sweep.tune is not None:
+        planned = planned_settings([r.labels for r in runs], sweep.tune, axis_names)
+        best = best_per_cell(done, sweep.tune, axis_names, planned)
     if plots and done:
-        files += _plots(sweep, done, headline.get("acc"), out, notes)
+        files += _plots(sweep, done, best, headline.get("acc"), out, notes)
     md = _markdown(sweep, axis_names, summary, headline, columns, rows, problems, notes)
     if done:
         split = results.parse_key(headline["acc"]).split if "acc" in headline else "test"
@@ -110,8 +114,8 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
                "seeds) and binding error % (a wrong answer that is another prompt fact's); the last rows give the "
                "distances each bucket held and the reference lines computed from the data.\n\n"
                + results.forgetting_markdown(table, axis_names or ["run"]) + "\n")
-        if sweep.tune is not None:
-            md += "\n" + tuning_markdown(best_per_cell(done, sweep.tune, axis_names), sweep.tune, axis_names, split)
+        if best is not None:
+            md += "\n" + tuning_markdown(best, sweep.tune, axis_names, split)
         if any(f"/{FREE}/" in k for r in done for k in r["metrics"]):  # runs with prosg.lmeval.FreeRunningEval
             from prosg import lmeval
 
@@ -246,7 +250,8 @@ def _tuned_label(best: dict[str, Any]) -> str:
     return f"{cell} ({chosen})" if chosen else cell
 
 
-def _plots(sweep: Sweep, done: list[dict], acc_key: str | None, out: Path, notes: list[str]) -> list[Path]:
+def _plots(sweep: Sweep, done: list[dict], best: list[dict] | None, acc_key: str | None, out: Path,
+           notes: list[str]) -> list[Path]:
     """forgetting.png (and tuned_forgetting.png for a tuned sweep), acc_vs_rank.png and acc_vs_memory.png, each when
     the runs have what it shows."""
     from prosg import plots
@@ -262,8 +267,8 @@ def _plots(sweep: Sweep, done: list[dict], acc_key: str | None, out: Path, notes
         files.append(path)
     else:
         notes.append(f"no distance-bucket accuracies under {prefix}: forgetting plot skipped")
-    if sweep.tune is not None:  # one curve per cell at its chosen setting: the grid's every curve would hide it
-        tuned = {_tuned_label(b): [r["metrics"] for r in b["runs"]] for b in best_per_cell(done, sweep.tune, axis_names)}
+    if best:  # one curve per cell at its chosen setting (cells still being tuned left out): every curve would hide it
+        tuned = {_tuned_label(b): [r["metrics"] for r in b["runs"]] for b in best if b["tried"] >= b["planned"]}
         path = out / "tuned_forgetting.png"
         if tuned and plots.forgetting_curves(tuned, prefix, path, title=f"{sweep.name}: each cell's setting chosen on "
                                              f"{sweep.tune.by} ({prefix})"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from prosg import results
 from prosg.errors import ConfigError
@@ -60,12 +60,23 @@ def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     return Tuning(over, by, list(seeds))
 
 
-def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> list[dict]:
+def planned_settings(labels: Iterable[dict[str, str]], tuning: Tuning, axis_names: list[str]) -> dict[tuple, int]:
+    """Cell -> how many tuned settings the sweep's grid holds for it (``labels``: every expanded run's)."""
+    settings: dict[tuple, set[tuple]] = {}
+    for lab in labels:
+        settings.setdefault(tuning.cell(lab, axis_names), set()).add(tuple(lab.get(a, "") for a in tuning.over))
+    return {cell: len(s) for cell, s in settings.items()}
+
+
+def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], planned: dict[tuple, int] | None = None) -> list[dict]:
     """Per cell of the untuned axes: the tuned setting with the best mean ``tuning.by`` and its runs.
 
     Each entry: ``labels`` (untuned axes), ``chosen`` (tuned axes -> label), ``score`` (Stats of the
     validation metric over the tuning seeds), ``runs`` (the chosen setting's runs, one per seed, the
-    confirmation seeds included), ``tried`` (settings compared). Runs on ``tuning.seeds`` never decide.
+    confirmation seeds included), ``tried`` (settings compared), ``planned`` (settings in the grid, from
+    ``planned_settings``; ``tried`` when not given): a cell with ``tried < planned`` is still being tuned and
+    its choice is provisional. Runs on ``tuning.seeds`` never decide; a tie goes to the setting met first in
+    the grid's order.
     """
     kept = [a for a in axis_names if a not in tuning.over]
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
@@ -82,7 +93,7 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str]) -> li
             continue
         stats, setting, runs = max(scored, key=lambda s: s[0].mean)
         out.append({"labels": dict(zip(kept, cell)), "chosen": dict(zip(tuning.over, setting)), "score": stats,
-                    "runs": runs, "tried": len(settings)})
+                    "runs": runs, "tried": len(settings), "planned": (planned or {}).get(cell, len(settings))})
     return out
 
 
@@ -94,7 +105,8 @@ def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], spl
              *results.md_head(head)]
     for b in best:
         cells = [b["labels"][a] or "–" for a in kept] + [b["chosen"][a] for a in tuning.over]
-        cells += [results.format_stats(b["score"]), str(b["tried"]), str(len(b["runs"]))]
+        tried = str(b["tried"]) if b["tried"] >= b["planned"] else f"{b['tried']} of {b['planned']} (provisional)"
+        cells += [results.format_stats(b["score"]), tried, str(len(b["runs"]))]
         lines.append(results.md_row(cells))
     chosen = {id(r): b for b in best for r in b["runs"]}
     rows = [r for b in best for r in b["runs"]]
