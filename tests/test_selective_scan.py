@@ -33,8 +33,9 @@ def run(fn, x, **kw):
 
 @pytest.mark.parametrize("initial_state", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 13, 64])
-def test_matches_reference_fp64(initial_state, chunk):
-    x = make_inputs(initial_state=initial_state)
+@pytest.mark.parametrize("n", [3, 8])  # d_state read by a product-and-sum (<= 4) or by a batched matmul
+def test_matches_reference_fp64(initial_state, chunk, n):
+    x = make_inputs(n=n, initial_state=initial_state)
     y, last, grads = run(selective_scan, x, chunk=chunk)
     y_ref, last_ref, grads_ref = run(selective_scan_ref, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)

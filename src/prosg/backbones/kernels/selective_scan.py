@@ -35,6 +35,19 @@ _CHUNK_ELEMENTS = 1 << 20
 _SERIAL_STEP_NUMEL = 1 << 17
 
 
+# Up to this d_state, C·h is read as a broadcast product and a sum over N: a batched matmul would run
+# thousands of 1×N @ N×D products, which small-GEMM kernels do 3-5x slower (on the demo's d_state 2, the
+# largest op of a training step); above it the matmul is faster.
+_SUM_MAX_STATE = 4
+
+
+def _read_state(a: Tensor, H: Tensor) -> Tensor:
+    """Σ_n a[..., n] H[..., n, :]: (k, B, N) and (k, B, N, D) -> (k, B, D)."""
+    if a.shape[-1] <= _SUM_MAX_STATE:
+        return (a.unsqueeze(-1) * H).sum(-2)
+    return torch.matmul(a.unsqueeze(2), H).squeeze(2)
+
+
 def default_chunk(batch: int, d_inner: int, d_state: int) -> int:
     """Time steps per chunk so that one (chunk, B, N, D) buffer holds ~_CHUNK_ELEMENTS values."""
     return max(4, min(256, _CHUNK_ELEMENTS // max(1, batch * d_inner * d_state)))
@@ -97,8 +110,7 @@ class _ScanFn(torch.autograd.Function):
             _coefficients(dt[:, s:e].transpose(0, 1), dtu[:, s:e].transpose(0, 1), At,
                           Bm[:, s:e].transpose(0, 1), dA, H)
             _run_states(dA, H, ckpts[c])
-            # y_t = C_t . h_t: (k, B, 1, N) @ (k, B, N, D) -> (k, B, 1, D)
-            y[:, s:e] = torch.matmul(C[:, s:e].transpose(0, 1).unsqueeze(2), H).squeeze(2).transpose(0, 1)
+            y[:, s:e] = _read_state(C[:, s:e].transpose(0, 1), H).transpose(0, 1)  # y_t = C_t · h_t
             h = H[-1]
         ctx.chunk = chunk
         ctx.has_h0 = h0 is not None
@@ -147,7 +159,7 @@ class _ScanFn(torch.autograd.Function):
             # 3. batched gradients over the chunk; (1, D) @ (D, N) matmuls are the fast reductions.
             dC[:, s:e] = torch.matmul(dy_c, H.transpose(-1, -2)).squeeze(2).transpose(0, 1)
             dB[:, s:e] = torch.matmul(dtu_c.unsqueeze(2), G.transpose(-1, -2)).squeeze(2).transpose(0, 1)
-            ddtu = torch.matmul(B_c.unsqueeze(2), G).squeeze(2)  # (k,B,1,N) @ (k,B,N,D) -> (k,B,D)
+            ddtu = _read_state(B_c, G)  # (k, B, D)
             # d/d(dt A) of exp(dt A) * h_prev is Y = G * dA * h_prev (built in place over dA).
             Y = dA.mul_(G)
             Y[0].mul_(h_start)
