@@ -60,7 +60,7 @@ def forgetting_curves(groups: dict[str, list[dict[str, float]]], prefix: str, pa
     if not points:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7 if len(groups) <= LEGEND_INSIDE else 9.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = np.array([x for _, x in points])
     colors = _colors(plt, len(groups))
     for (label, runs), color in zip(groups.items(), colors):
@@ -114,7 +114,9 @@ def _finish(plt, fig, ax, path: Path, title: str) -> None:
     """Title, grid, legend (beside the axes when it is long); save as PNG and free the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(ax.get_legend_handles_labels()[0]) > LEGEND_INSIDE:
+    if len(ax.get_legend_handles_labels()[0]) > LEGEND_INSIDE:  # beside the axes: the figure widens to hold it
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 2.5, height)
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.legend(fontsize="small")

@@ -37,6 +37,10 @@ class Tuning:
         """The labels of the untuned axes: the cell a run is tuned within ("" for an axis it skips)."""
         return tuple(labels.get(a, "") for a in axis_names if a not in self.over)
 
+    def setting(self, labels: dict[str, str]) -> tuple[str, ...]:
+        """The labels of the tuned axes: the setting a run tries within its cell."""
+        return tuple(labels.get(a, "") for a in self.over)
+
 
 def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     """The ``tune:`` section of a sweep file, checked against its axes (None when absent)."""
@@ -64,7 +68,7 @@ def planned_settings(labels: Iterable[dict[str, str]], tuning: Tuning, axis_name
     """Cell -> how many tuned settings the sweep's grid holds for it (``labels``: every expanded run's)."""
     settings: dict[tuple, set[tuple]] = {}
     for lab in labels:
-        settings.setdefault(tuning.cell(lab, axis_names), set()).add(tuple(lab.get(a, "") for a in tuning.over))
+        settings.setdefault(tuning.cell(lab, axis_names), set()).add(tuning.setting(lab))
     return {cell: len(s) for cell, s in settings.items()}
 
 
@@ -82,7 +86,7 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], plann
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in done:
         cell = tuning.cell(r["labels"], axis_names)
-        setting = tuple(r["labels"].get(a, "") for a in tuning.over)
+        setting = tuning.setting(r["labels"])
         cells.setdefault(cell, {}).setdefault(setting, []).append(r)
     out = []
     for cell, settings in cells.items():
