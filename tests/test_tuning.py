@@ -86,7 +86,9 @@ def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
     assert confirm[0].overrides["model.lr"] == 0.001 and confirm[1].overrides["seed_everything"] == 2
     assert confirm[1].overrides["data.init_args.seed"] == 2
     collect(sweep, runs, plots=False)  # sg's choice is made from 1 of its 2 settings so far: the table says so
-    assert "| sg | lr0.001 | 0.300 | 1 of 2 (provisional) | 1 |" in (sweep.out_dir / "results.md").read_text()
+    md = (sweep.out_dir / "results.md").read_text()
+    assert "| sg | lr0.001 | 0.300 | 1 of 2 (provisional) | 1 |" in md
+    assert "| sg (provisional) |" in md.split("The chosen settings")[1]  # its test row too
     _finish(sweep, next(r for r in runs if r.name == "sg-lr0.01-s0"), 0.9)
     confirm, waiting = confirmation_runs(sweep, runs)
     assert sorted(r.name for r in confirm)[2:] == ["sg-lr0.01-s1", "sg-lr0.01-s2"] and waiting == []
@@ -95,6 +97,7 @@ def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
     collected = collect(sweep, runs)
     assert len(collected.rows) == 8 and not collected.problems
     md = (sweep.out_dir / "results.md").read_text()
+    assert "provisional" not in md
     assert "| plain | lr0.001 | 0.700 | 2 | 3 |" in md and "| sg | lr0.01 | 0.900 | 2 | 3 |" in md
     assert sweep.out_dir / "tuned_forgetting.png" in collected.files  # one curve per method at its chosen lr
     assert _tuned_label({"labels": {"method": "sg"}, "chosen": {"lr": "lr0.01", "aux": ""}}) == "sg (lr0.01)"

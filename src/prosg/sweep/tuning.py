@@ -114,7 +114,14 @@ def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], spl
         lines.append(results.md_row(cells))
     chosen = {id(r): b for b in best for r in b["runs"]}
     rows = [r for b in best for r in b["runs"]]
-    table = results.forgetting_table(rows, lambda r: [chosen[id(r)]["labels"][a] or "–" for a in kept], split)
+
+    def label(r: dict) -> list[str]:
+        b = chosen[id(r)]
+        cells = [b["labels"][a] or "–" for a in kept] or ["run"]
+        # a choice from part of the grid must not read as a result in the table a reader copies
+        return cells[:-1] + [cells[-1] + " (provisional)"] if b["tried"] < b["planned"] else cells
+
+    table = results.forgetting_table(rows, label, split)
     lines += ["", f"The chosen settings on {split} (accuracy %, binding error %, mean ± std over seeds):", "",
               results.forgetting_markdown(table, kept or ["run"])]
     return "\n".join(lines) + "\n"
