@@ -87,7 +87,7 @@ def test_tuned_sweep_confirms_each_cells_choice_on_the_extra_seeds(tmp_path):
     assert confirm[1].overrides["data.init_args.seed"] == 2
     collect(sweep, runs, plots=False)  # sg's choice is made from 1 of its 2 settings so far: the table says so
     md = (sweep.out_dir / "results.md").read_text()
-    assert "| sg | lr0.001 | 0.300 | 1 of 2 (provisional) | 1 |" in md
+    assert "| sg | lr0.001 | 0.300 | 1 of 2 runs (provisional) | 1 |" in md
     assert "| sg (provisional) |" in md.split("The chosen settings")[1]  # its test row too
     _finish(sweep, next(r for r in runs if r.name == "sg-lr0.01-s0"), 0.9)
     confirm, waiting = confirmation_runs(sweep, runs)
@@ -108,3 +108,24 @@ def test_confirmation_seeds_must_differ_from_the_tuning_seeds(tmp_path):
         _tuned_sweep(tmp_path, seeds="[0, 1]", tune_seeds="[1, 2]")
     with pytest.raises(ConfigError, match="tune.seeds must be a list of distinct ints"):
         _tuned_sweep(tmp_path, tune_seeds="[1, 1]")
+
+
+def test_a_cell_with_a_tuning_seed_missing_is_provisional_and_waits_for_its_confirmation(tmp_path):
+    """With two tuning seeds, every setting tried once is not enough: the table and the confirmation agree."""
+    from prosg.sweep.report import collect, confirmation_runs
+    from prosg.sweep.spec import expand
+    from prosg.sweep.tuning import planned_runs
+
+    sweep = _tuned_sweep(tmp_path, seeds="[0, 1]", tune_seeds="[2]")
+    runs = expand(sweep)
+    for run in runs:
+        if run.name != "sg-lr0.01-s1":  # sg tried both lrs, but lr0.01 on seed 0 only
+            _finish(sweep, run, 0.5)
+    planned = planned_runs([r.labels for r in runs], sweep.tune, ["method", "lr"])
+    assert planned == {("plain",): 4, ("sg",): 4}
+    confirm, waiting = confirmation_runs(sweep, runs)
+    assert waiting == ["sg"] and [r.name for r in confirm] == ["plain-lr0.001-s2"]
+    collect(sweep, runs, plots=False)
+    md = (sweep.out_dir / "results.md").read_text()
+    assert "| sg | lr0.001 | 0.500 ± 0.000 | 3 of 4 runs (provisional) | 2 |" in md
+    assert "| plain | lr0.001 | 0.500 ± 0.000 | 2 | 2 |" in md  # complete, its confirmation not run yet

@@ -23,7 +23,7 @@ from typing import Any, Callable, Collection
 from prosg import results
 from prosg.sweep.runner import read_json, read_status
 from prosg.sweep.spec import Axis, Run, Sweep, reseed
-from prosg.sweep.tuning import best_per_cell, planned_settings, tuning_markdown
+from prosg.sweep.tuning import best_per_cell, planned_runs, tuning_markdown
 
 MEMORY = results.SIZE_COLUMNS["memory"]
 FREE = results.FREE
@@ -102,7 +102,7 @@ def collect(sweep: Sweep, runs: list[Run], plots: bool = True) -> Collected:
     notes: list[str] = []
     best = None
     if sweep.tune is not None:
-        planned = planned_settings([r.labels for r in runs], sweep.tune, axis_names)
+        planned = planned_runs([r.labels for r in runs], sweep.tune, axis_names)
         best = best_per_cell(done, sweep.tune, axis_names, planned)
     if plots and done:
         files += _plots(sweep, done, best, headline.get("acc"), out, notes)
@@ -268,7 +268,7 @@ def _plots(sweep: Sweep, done: list[dict], best: list[dict] | None, acc_key: str
     else:
         notes.append(f"no distance-bucket accuracies under {prefix}: forgetting plot skipped")
     if best:  # one curve per cell at its chosen setting (cells still being tuned left out): every curve would hide it
-        tuned = {_tuned_label(b): [r["metrics"] for r in b["runs"]] for b in best if b["tried"] >= b["planned"]}
+        tuned = {_tuned_label(b): [r["metrics"] for r in b["runs"]] for b in best if not b["provisional"]}
         path = out / "tuned_forgetting.png"
         if tuned and plots.forgetting_curves(tuned, prefix, path, title=f"{sweep.name}: each cell's setting chosen on "
                                              f"{sweep.tune.by} ({prefix})"):

@@ -17,6 +17,7 @@ runs the chosen settings on the extra seeds: the table reports the chosen settin
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,12 +65,9 @@ def parse_tuning(raw: Any, axis_names: list[str], path: Path) -> Tuning | None:
     return Tuning(over, by, list(seeds))
 
 
-def planned_settings(labels: Iterable[dict[str, str]], tuning: Tuning, axis_names: list[str]) -> dict[tuple, int]:
-    """Cell -> how many tuned settings the sweep's grid holds for it (``labels``: every expanded run's)."""
-    settings: dict[tuple, set[tuple]] = {}
-    for lab in labels:
-        settings.setdefault(tuning.cell(lab, axis_names), set()).add(tuning.setting(lab))
-    return {cell: len(s) for cell, s in settings.items()}
+def planned_runs(labels: Iterable[dict[str, str]], tuning: Tuning, axis_names: list[str]) -> dict[tuple, int]:
+    """Cell -> how many tuning runs the sweep's grid holds for it (``labels``: one per grid run, tuning seeds only)."""
+    return dict(Counter(tuning.cell(lab, axis_names) for lab in labels))
 
 
 def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], planned: dict[tuple, int] | None = None) -> list[dict]:
@@ -77,10 +75,11 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], plann
 
     Each entry: ``labels`` (untuned axes), ``chosen`` (tuned axes -> label), ``score`` (Stats of the
     validation metric over the tuning seeds), ``runs`` (the chosen setting's runs, one per seed, the
-    confirmation seeds included), ``tried`` (settings compared), ``planned`` (settings in the grid, from
-    ``planned_settings``; ``tried`` when not given): a cell with ``tried < planned`` is still being tuned and
-    its choice is provisional. Runs on ``tuning.seeds`` never decide; a tie goes to the setting met first in
-    the grid's order.
+    confirmation seeds included), ``tried`` (settings compared), ``runs_done`` / ``planned`` (tuning runs done /
+    in the grid, from ``planned_runs``; ``runs_done`` when not given) and ``provisional`` (runs_done < planned:
+    the cell is still being tuned, on any tuning seed, so its choice may change; the same cells
+    ``confirmation_runs`` holds back). Runs on ``tuning.seeds`` never decide; a tie goes to the setting met first
+    in the grid's order.
     """
     kept = [a for a in axis_names if a not in tuning.over]
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
@@ -96,8 +95,11 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], plann
         if not scored:
             continue
         stats, setting, runs = max(scored, key=lambda s: s[0].mean)
+        done_n = sum(r["seed"] not in tuning.seeds for rs in settings.values() for r in rs)
+        planned_n = (planned or {}).get(cell, done_n)
         out.append({"labels": dict(zip(kept, cell)), "chosen": dict(zip(tuning.over, setting)), "score": stats,
-                    "runs": runs, "tried": len(settings), "planned": (planned or {}).get(cell, len(settings))})
+                    "runs": runs, "tried": len(settings), "runs_done": done_n, "planned": planned_n,
+                    "provisional": done_n < planned_n})
     return out
 
 
@@ -109,7 +111,7 @@ def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], spl
              *results.md_head(head)]
     for b in best:
         cells = [b["labels"][a] or "–" for a in kept] + [b["chosen"][a] for a in tuning.over]
-        tried = str(b["tried"]) if b["tried"] >= b["planned"] else f"{b['tried']} of {b['planned']} (provisional)"
+        tried = f"{b['runs_done']} of {b['planned']} runs (provisional)" if b["provisional"] else str(b["tried"])
         cells += [results.format_stats(b["score"]), tried, str(len(b["runs"]))]
         lines.append(results.md_row(cells))
     chosen = {id(r): b for b in best for r in b["runs"]}
@@ -119,7 +121,7 @@ def tuning_markdown(best: list[dict], tuning: Tuning, axis_names: list[str], spl
         b = chosen[id(r)]
         cells = [b["labels"][a] or "–" for a in kept] or ["run"]
         # a choice from part of the grid must not read as a result in the table a reader copies
-        return cells[:-1] + [cells[-1] + " (provisional)"] if b["tried"] < b["planned"] else cells
+        return cells[:-1] + [cells[-1] + " (provisional)"] if b["provisional"] else cells
 
     table = results.forgetting_table(rows, label, split)
     lines += ["", f"The chosen settings on {split} (accuracy %, binding error %, mean ± std over seeds):", "",
