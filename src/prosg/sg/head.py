@@ -362,29 +362,53 @@ class SGHead(nn.Module):
                 hd.remove()
         return {n: (torch.zeros_like(probes[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
 
+    def synthetic(self, s: Session) -> dict[str, Tensor]:
+        """Δ̂ (B, P, o) per target from the session's prompt contexts H, cut off from the backbone.
+
+        The aux loss's input: as in DNI, the regression trains the synthetic-gradient network only, so a
+        jointly trained backbone is not pulled toward states whose prompt gradient is easy to predict.
+        Where no gradient reaches H (a frozen backbone) that is the pass's own Δ̂, used as is."""
+        if not any(h.requires_grad for h in s.context.values()):
+            return {t.name: s.synthetic[t.name] for t in self.targets}
+        targets = self.batch_order
+        blocks = list(self.by_block)
+        h = torch.stack([s.context[b].detach() for b in blocks])  # (nb, B, P, D)
+        feats = self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
+        by_out = _groups(targets, "d_out")
+        out = {}
+        for (d_out, js), f in zip(by_out, _partition(feats, by_out)):
+            for j, g in zip(js, self.grad_out[str(d_out)](f).unbind(0)):
+                out[targets[j].name] = g
+        return {t.name: out[t.name] for t in self.targets}
+
     def aux_loss(self, s: Session | Sequence[Session], true_grads: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> Tensor:
-        """DNI-style regression of Δ̂ onto the true prompt gradient (scale-free MSE, mean over layers).
+        """DNI-style regression of Δ̂ (``synthetic``) onto the true prompt gradient (scale-free MSE, mean over layers).
 
         Sessions over disjoint samples (a list, with a list of their samples' true gradients) pool
         their sums, as one session over all of those samples would."""
         sessions, grads = ([s], [true_grads]) if isinstance(s, Session) else (list(s), list(true_grads))
-        num = den = 0
-        for si, gi in zip(sessions, grads):
-            terms = []
-            for t in self.targets:
-                g_hat = si.synthetic[t.name]
-                g = gi[t.name][:, : g_hat.shape[1]]
-                mask = (torch.arange(g.shape[1], device=g.device)[None, :] < si.prompt_len[:, None]).to(g.dtype)[..., None]
-                terms.append(torch.stack([((g_hat - g) ** 2 * mask).sum(), (g**2 * mask).sum()]))
-            sums = torch.stack(terms)  # (n_targets, 2)
-            num, den = num + sums[:, 0], den + sums[:, 1]
-        return (num / (den + 1e-12)).mean()
+        return relative_error([self.synthetic(si) for si in sessions], grads, [si.prompt_len for si in sessions])
 
     def extra_repr(self) -> str:
         return (
             f"targets={len(self.targets) or self.target_patterns}, rank={self.rank}, "
             f"compression={self.compression!r}, mode={self.mode!r}, transform_inputs={self.transform_inputs}"
         )
+
+
+def relative_error(predicted: Sequence[dict[str, Tensor]], true: Sequence[dict[str, Tensor]],
+                   prompt_len: Sequence[Tensor]) -> Tensor:
+    """Σ‖Δ̂ − g‖² / Σ‖g‖² over the prompt positions, per target pooled over the groups, then the mean over targets."""
+    num = den = 0
+    for pred, gi, plen in zip(predicted, true, prompt_len):
+        terms = []
+        for name, g_hat in pred.items():
+            g = gi[name][:, : g_hat.shape[1]]
+            mask = (torch.arange(g.shape[1], device=g.device)[None, :] < plen[:, None]).to(g.dtype)[..., None]
+            terms.append(torch.stack([((g_hat - g) ** 2 * mask).sum(), (g**2 * mask).sum()]))
+        sums = torch.stack(terms)  # (n_targets, 2)
+        num, den = num + sums[:, 0], den + sums[:, 1]
+    return (num / (den + 1e-12)).mean()
 
 
 def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
