@@ -300,6 +300,12 @@ class SGHead(nn.Module):
             return add_low_rank(out, x, v, cur.neg_eta[t.index] * u.mT, cur.after)
         return forward
 
+    def _session_features(self, s: Session, targets: Sequence[Target], detach: bool = False) -> Tensor:
+        """Trunk features (k, B, P, h) of ``targets`` from the session's prompt contexts, every block at once."""
+        blocks = list(self.by_block)
+        h = torch.stack([s.context[b].detach() if detach else s.context[b] for b in blocks])  # (nb, B, P, D)
+        return self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
+
     def _compute_deferred(self, s: Session) -> None:
         """Every target's factors from what a deferred pass recorded: one batched call per width."""
         cur = s.current
@@ -308,9 +314,7 @@ class SGHead(nn.Module):
         targets = self.batch_order
         feats = alpha = None
         if self._needs_features(s.oracle is not None):
-            blocks = list(self.by_block)
-            h = torch.stack([s.context[b] for b in blocks])  # (nb, B, P, D)
-            feats = self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
+            feats = self._session_features(s, targets)
             if self.compression == "slots":
                 alpha = self.slot_weights(feats, targets, cur.mask)
         grads = None if s.oracle is None else [s.oracle[t.name][:, : cur.P] for t in targets]
@@ -371,9 +375,7 @@ class SGHead(nn.Module):
         if not any(h.requires_grad for h in s.context.values()):
             return {t.name: s.synthetic[t.name] for t in self.targets}
         targets = self.batch_order
-        blocks = list(self.by_block)
-        h = torch.stack([s.context[b].detach() for b in blocks])  # (nb, B, P, D)
-        feats = self.features(h, targets, [blocks.index(t.block) for t in targets] if len(blocks) > 1 else None)
+        feats = self._session_features(s, targets, detach=True)
         by_out = _groups(targets, "d_out")
         out = {}
         for (d_out, js), f in zip(by_out, _partition(feats, by_out)):
