@@ -129,3 +129,35 @@ def test_a_cell_with_a_tuning_seed_missing_is_provisional_and_waits_for_its_conf
     md = (sweep.out_dir / "results.md").read_text()
     assert "| sg | lr0.001 | 0.500 ± 0.000 | 3 of 4 runs (provisional) | 2 |" in md
     assert "| plain | lr0.001 | 0.500 ± 0.000 | 2 | 2 |" in md  # complete, its confirmation not run yet
+
+
+def test_a_cell_with_nothing_to_tune_is_confirmed_without_a_validation_score(tmp_path):
+    """A method the tuned axes skip (``when``) and that never validates (evaluated as is: max_steps 0) still gets its
+    confirmation seeds and a row; a cell with several settings still needs a score to choose."""
+    import json
+
+    from prosg.paths import conf_dir
+    from prosg.sweep.report import collect, confirmation_runs
+    from prosg.sweep.spec import expand, load_sweep
+
+    path = tmp_path / "tuned.yaml"
+    path.write_text(f"experiment: {conf_dir() / 'experiment' / 'plain.yaml'}\nout_dir: {tmp_path / 'runs'}\n"
+                    "seeds: [0]\naxes:\n  method: {asis: {trainer.max_steps: 0}, sg: {}}\n"
+                    "  lr: {key: model.lr, values: [0.001, 0.01], label: 'lr{value}', when: {method: [sg]}}\n"
+                    "tune: {over: [lr], by: val/all/acc, seeds: [1, 2]}\n")
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    assert sorted(r.name for r in runs) == ["asis-s0", "sg-lr0.001-s0", "sg-lr0.01-s0"]
+    for run in runs:
+        d = sweep.out_dir / run.name
+        d.mkdir(parents=True)
+        (d / "status.json").write_text(json.dumps({"status": "done"}))
+        test = {k: v for k, v in row("x", "", run.seed, 0.0, 0.5)["metrics"].items() if k.startswith("test/")}
+        val = {} if run.name == "asis-s0" or run.name == "sg-lr0.01-s0" else {"val": {"val/all/acc": 0.6}}
+        (d / "metrics.json").write_text(json.dumps({**val, "test": test}))
+    confirm, waiting = confirmation_runs(sweep, runs)
+    assert sorted(r.name for r in confirm) == ["asis-s1", "asis-s2", "sg-lr0.001-s1", "sg-lr0.001-s2"]
+    assert waiting == []  # sg's unscored setting is never chosen over its scored one
+    collect(sweep, runs, plots=False)
+    md = (sweep.out_dir / "results.md").read_text()
+    assert "| asis |  | n/a | 1 | 1 |" in md and "| sg | lr0.001 | 0.600 | 2 | 1 |" in md

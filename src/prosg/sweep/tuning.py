@@ -79,7 +79,7 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], plann
     in the grid, from ``planned_runs``; ``runs_done`` when not given) and ``provisional`` (runs_done < planned:
     the cell is still being tuned, on any tuning seed, so its choice may change; the same cells
     ``confirmation_runs`` holds back). Runs on ``tuning.seeds`` never decide; a tie goes to the setting met first
-    in the grid's order.
+    in the grid's order; a cell with one setting is chosen without a score (n/a in the table).
     """
     kept = [a for a in axis_names if a not in tuning.over]
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
@@ -91,7 +91,10 @@ def best_per_cell(done: list[dict], tuning: Tuning, axis_names: list[str], plann
     for cell, settings in cells.items():
         scored = [(results.cell_stats([r for r in runs if r["seed"] not in tuning.seeds], tuning.by), setting, runs)
                   for setting, runs in settings.items()]
-        scored = [s for s in scored if not math.isnan(s[0].mean)]
+        # a cell with one setting has nothing to choose: it stands without a validation score (a method evaluated
+        # as is, e.g. a frozen backbone at max_steps 0, never validates), and is confirmed like the others
+        if len(scored) > 1:
+            scored = [s for s in scored if not math.isnan(s[0].mean)]
         if not scored:
             continue
         stats, setting, runs = max(scored, key=lambda s: s[0].mean)
