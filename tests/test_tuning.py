@@ -60,13 +60,14 @@ def _tuned_sweep(tmp_path, seeds="[0]", tune_seeds="[1, 2]"):
 
 
 def _finish(sweep, run, val):
+    """A done run with test metrics and, unless ``val`` is None (a run that never validated), its val accuracy."""
     import json
 
     d = sweep.out_dir / run.name
     d.mkdir(parents=True, exist_ok=True)
     (d / "status.json").write_text(json.dumps({"status": "done"}))
-    m = row(run.labels["method"], run.labels["lr"], run.seed, val, 0.5)["metrics"]
-    (d / "metrics.json").write_text(json.dumps({"val": {"val/all/acc": val},
+    m = row(run.labels["method"], run.labels.get("lr", ""), run.seed, val, 0.5)["metrics"]
+    (d / "metrics.json").write_text(json.dumps({**({} if val is None else {"val": {"val/all/acc": val}}),
                                                 "test": {k: v for k, v in m.items() if k.startswith("test/")}}))
 
 
@@ -134,8 +135,6 @@ def test_a_cell_with_a_tuning_seed_missing_is_provisional_and_waits_for_its_conf
 def test_a_cell_with_nothing_to_tune_is_confirmed_without_a_validation_score(tmp_path):
     """A method the tuned axes skip (``when``) and that never validates (evaluated as is: max_steps 0) still gets its
     confirmation seeds and a row; a cell with several settings still needs a score to choose."""
-    import json
-
     from prosg.paths import conf_dir
     from prosg.sweep.report import collect, confirmation_runs
     from prosg.sweep.spec import expand, load_sweep
@@ -149,12 +148,7 @@ def test_a_cell_with_nothing_to_tune_is_confirmed_without_a_validation_score(tmp
     runs = expand(sweep)
     assert sorted(r.name for r in runs) == ["asis-s0", "sg-lr0.001-s0", "sg-lr0.01-s0"]
     for run in runs:
-        d = sweep.out_dir / run.name
-        d.mkdir(parents=True)
-        (d / "status.json").write_text(json.dumps({"status": "done"}))
-        test = {k: v for k, v in row("x", "", run.seed, 0.0, 0.5)["metrics"].items() if k.startswith("test/")}
-        val = {} if run.name == "asis-s0" or run.name == "sg-lr0.01-s0" else {"val": {"val/all/acc": 0.6}}
-        (d / "metrics.json").write_text(json.dumps({**val, "test": test}))
+        _finish(sweep, run, None if run.name in ("asis-s0", "sg-lr0.01-s0") else 0.6)
     confirm, waiting = confirmation_runs(sweep, runs)
     assert sorted(r.name for r in confirm) == ["asis-s1", "asis-s2", "sg-lr0.001-s1", "sg-lr0.001-s2"]
     assert waiting == []  # sg's unscored setting is never chosen over its scored one

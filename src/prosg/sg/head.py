@@ -176,6 +176,10 @@ class SGHead(nn.Module):
     def _needs_features(self, oracle: bool) -> bool:
         return not oracle or self.compression == "slots"
 
+    def _synthetic_by_width(self, feats: Tensor, by_out: list[tuple[int, list[int]]]) -> list[Tensor]:
+        """Δ̂ (k, B, P, o) of each output-width group of targets from their trunk features: one output head per width."""
+        return [self.grad_out[str(d_out)](f) for (d_out, _), f in zip(by_out, _partition(feats, by_out))]
+
     def factors(self, targets: Sequence[Target], xs: Sequence[Tensor], mask: Tensor, feats: Tensor | None,
                 alpha: Tensor | None, grads: Sequence[Tensor] | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(U (B,o,r), V (B,i,r), Δ̂ (B,P,o)) of each target from its prompt inputs X (B, P, i).
@@ -190,15 +194,13 @@ class SGHead(nn.Module):
         us: list[Tensor | None] = [None] * n
         slots = self.compression == "slots"
         if grads is None or slots:
-            f_parts = _partition(feats, by_out) if grads is None else [None] * len(by_out)
+            g_parts = (self._synthetic_by_width(feats, by_out) if grads is None
+                       else [torch.stack([grads[j] for j in js]) for _, js in by_out])
             a_parts = _partition(alpha, by_out) if slots else [None] * len(by_out)
-            for (d_out, js), f, a in zip(by_out, f_parts, a_parts):
+            for (_, js), g, a in zip(by_out, g_parts, a_parts):
                 if grads is None:
-                    g = self.grad_out[str(d_out)](f)  # Δ̂ (k, B, P, o)
                     for j, gj in zip(js, g.unbind(0)):
                         gs[j] = gj
-                else:
-                    g = torch.stack([grads[j] for j in js])
                 if slots:  # U = Δ̂ᵀαᵀ, for every target of this width at once
                     for j, u in zip(js, (a @ g).mT.unbind(0)):
                         us[j] = u
@@ -378,9 +380,9 @@ class SGHead(nn.Module):
         feats = self._session_features(s, targets, detach=True)
         by_out = _groups(targets, "d_out")
         out = {}
-        for (d_out, js), f in zip(by_out, _partition(feats, by_out)):
-            for j, g in zip(js, self.grad_out[str(d_out)](f).unbind(0)):
-                out[targets[j].name] = g
+        for (_, js), g in zip(by_out, self._synthetic_by_width(feats, by_out)):
+            for j, gj in zip(js, g.unbind(0)):
+                out[targets[j].name] = gj
         return {t.name: out[t.name] for t in self.targets}
 
     def aux_loss(self, s: Session | Sequence[Session], true_grads: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> Tensor:
