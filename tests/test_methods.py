@@ -229,6 +229,59 @@ def test_gpc_memory_carries_the_prompt_without_the_state(family):
     assert torch.equal(s[0], s[1])
 
 
+@pytest.mark.parametrize("family", ["mamba", "rwkv7", "gpt"])  # gpt: a KV cache, emptied by a pass of its own
+def test_gpc_prompt_state_dropout_runs_dropped_responses_from_an_empty_state(family):
+    """Kept rows: exactly the one-pass forward. Dropped rows: the prompt's logits, then the response from an empty
+    state with the writes alone carrying the prompt (as generation after ``prefill`` from an empty state)."""
+    m = GlobalPromptCell(n_tokens=3, d_cell=8, prompt_state_dropout=0.5)
+    m.attach(tiny(family))
+    randomise_cell(m)
+    m.train()  # dropout draws only in training; the tiny backbones have no dropout layers of their own
+    bb, P = m.backbone, 4
+    with torch.no_grad():  # RWKV-7 starts its blocks' output projections at zero: no past would reach a logit
+        for w in bb.parameters():
+            if w.dim() == 2 and not w.any():
+                w.normal_(0, 0.1)
+    ids = torch.randint(1, V, (4, 10))
+    plen = torch.full((4,), P)
+    drop = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        m.draw_dropout = lambda n: torch.zeros(n, dtype=torch.bool)
+        full = m({"input_ids": ids, "prompt_len": plen}).logits
+        m.draw_dropout = lambda n: drop
+        split = m({"input_ids": ids, "prompt_len": plen}).logits
+        torch.testing.assert_close(m._forward_with_dropout(ids, plen, torch.zeros_like(drop)), full, atol=3e-5, rtol=1e-4)
+        for row in range(4):
+            torch.testing.assert_close(split[row, :P], full[row, :P], atol=3e-5, rtol=1e-4)
+            if not drop[row]:
+                torch.testing.assert_close(split[row], full[row], atol=3e-5, rtol=1e-4)
+                continue
+            with m.prefill(ids[row : row + 1, :P]):
+                alone = bb.forward_embeds(bb.embed(ids[row : row + 1, P:])).logits[0]
+            torch.testing.assert_close(split[row, P:], alone, atol=3e-5, rtol=1e-4)
+            assert (split[row, P:] - full[row, P:]).abs().max() > 1e-6  # the prompt's state did matter (little, untrained)
+    # the dropped rows' response loss trains the cell (through the writes) as well as the prefix
+    loss = m({"input_ids": ids, "prompt_len": plen}).logits[drop, P:].logsumexp(-1).sum()
+    loss.backward()
+    assert loss.requires_grad and m.write.grad.abs().sum() > 0 and m.gates.weight.grad.abs().sum() > 0
+
+
+def test_gpc_prompt_state_dropout_checks_its_input():
+    with pytest.raises(ConfigError, match="prompt_state_dropout=1.0 must be in"):
+        GlobalPromptCell(2, prompt_state_dropout=1.0)
+    m = GlobalPromptCell(2, d_cell=4, prompt_state_dropout=0.5)
+    m.attach(tiny("rwkv7"))
+    m.train()
+    m.draw_dropout = lambda n: torch.ones(n, dtype=torch.bool)
+    with pytest.raises(ConfigError, match="prompts of one length"):
+        m({"input_ids": torch.randint(1, V, (2, 8)), "prompt_len": torch.tensor([3, 4])})
+    state = m.extra_state()  # the draws resume from a checkpoint, as ProSG's do
+    del m.draw_dropout
+    first = [m.draw_dropout(16) for _ in range(2)]
+    m.load_extra_state(state)
+    assert all(torch.equal(a, m.draw_dropout(16)) for a in first)
+
+
 def test_gpc_hooks_are_removed_after_use():
     m = attached("mamba", "gpc")
     bb = m.backbone

@@ -166,7 +166,7 @@ def test_duplicate_run_names_are_rejected(tmp_path):
 
 # hand-counted grids of the shipped sweeps (a sweep not listed is checked for self-consistency only)
 EXPECTED_RUNS = {"smoke": 4, "demo": 15, "methods": 15, "recall_methods": 36, "rank_ablation": 22, "state_size": 30,
-                 "compare_joint": 72, "pretrain": 2, "frozen": 62, "recycle": 40, "pretrain_lm": 3,
+                 "compare_joint": 72, "pretrain": 2, "frozen": 68, "recycle": 40, "pretrain_lm": 3,
                  "lm_instruction": 27}
 # tiny stand-ins for pretrained backbones a sweep names but the checkout does not hold yet
 STAND_IN = {"mamba": {"d_model": 16, "n_layer": 1}, "rwkv7": {"d_model": 32, "n_layer": 1, "head_size": 16},

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, ContextManager, Iterator
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
-from prosg.backbones.base import Backbone, BackboneOutput
+from prosg.backbones.base import Backbone, BackboneOutput, State
+from prosg.errors import ConfigError
 
 
 @dataclass
@@ -95,6 +98,62 @@ class Method(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what ``extra_state`` returned (a checkpoint from before it existed gives {})."""
+
+
+class DropsPromptState:
+    """Mixin for a method that keeps the prompt outside the recurrent state (ProSG's delta, GPC's writes):
+    prompt-state dropout p. In training a fraction p of the samples run their response from an empty state, so
+    only what the method keeps carries their prompt (docs/method.md). It has no meaning for a method whose prompt
+    lives only in the state (plain, JRT, a soft prompt): emptying the state would remove the prompt itself.
+
+    The draws come from the method's own generator, seeded from the run's seed at ``attach`` and saved in
+    checkpoints (``extra_state``), so a resumed run drops the samples the uninterrupted one would."""
+
+    prompt_state_dropout: float = 0.0
+    training: bool
+
+    def init_dropout(self, p: float) -> None:
+        """Set p (checked: in [0, 1))."""
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"prompt_state_dropout={p} must be in [0, 1)")
+        self.prompt_state_dropout = p
+
+    def seed_dropout(self) -> None:
+        """(Re)start the draws from the run's seed; torch.initial_seed() reads it without consuming the global stream."""
+        self.dropout_generator = torch.Generator().manual_seed(torch.initial_seed())
+
+    def extra_state(self) -> dict:
+        return {"dropout_generator": self.dropout_generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "dropout_generator" in state:
+            self.dropout_generator.set_state(state["dropout_generator"])
+
+    def draw_dropout(self, batch_size: int) -> Tensor | None:
+        """The samples whose prompt state is dropped in this training step (None: no dropout now)."""
+        if not (self.training and self.prompt_state_dropout > 0):
+            return None
+        return torch.rand(batch_size, generator=self.dropout_generator) < self.prompt_state_dropout
+
+
+def responses_with_dropout(backbone: Backbone, resp_ids: Tensor, state: State, drop: Tensor,
+                           only: Callable[[Tensor], ContextManager]) -> Tensor:
+    """Response logits (B, R, V) under prompt-state dropout: rows ``drop`` (B,) from an empty state, the others from
+    ``state`` (the prompts'); ``only(rows)`` narrows what the method adds in a pass to those rows."""
+    bb = backbone
+    empty = bb.init_state(resp_ids.shape[0], resp_ids.device)
+    if [t.shape for t in tree_leaves(state)] == [t.shape for t in tree_leaves(empty)]:  # a fixed-size state
+        state = tree_map(lambda t, e: torch.where(drop.view(-1, *[1] * (t.dim() - 1)), e.to(t.dtype), t), state, empty)
+        return bb.forward_embeds(bb.embed(resp_ids), state).logits
+    # a state that grows with the sequence (a KV cache) cannot be emptied row by row: two passes
+    keep, cut = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
+    parts = []
+    if keep.numel():
+        with only(keep):
+            parts.append(bb.forward_embeds(bb.embed(resp_ids[keep]), tree_map(lambda t: t[keep], state)).logits)
+    with only(cut):
+        parts.append(bb.forward_embeds(bb.embed(resp_ids[cut])).logits)
+    return torch.cat(parts)[torch.cat([keep, cut]).argsort()]
 
 
 class Plain(Method):

@@ -22,6 +22,8 @@ prompt). In generation (``prefill``) the memories come from the prompt pass and 
 w_ℓ = W_o,ℓ m_ℓ (B, D) are added to every later token at every block: where ProSG keeps the prompt in a
 rank-r change of the linear layers, GPC keeps it in a per-layer vector added to the residual stream.
 Parameters: the prefix, q_ℓ, W_o,ℓ and e_ℓ per block, one shared cell (W_{i,f,c}, b_{i,f,c}).
+Prompt-state dropout (as ProSG's; ``DropsPromptState``): in training a fraction of the samples run their
+response from an empty state with the writes in place, so only the writes carry their prompt.
 The injection goes through forward pre-hooks on ``backbone.blocks`` (and a patched ``block.step`` on a
 family that steps its blocks through that method: Mamba), so any backbone works.
 """
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 
 from prosg.backbones.base import Backbone, BackboneOutput
 from prosg.errors import ConfigError
-from prosg.methods.base import MethodOutput
+from prosg.methods.base import DropsPromptState, MethodOutput, responses_with_dropout
 from prosg.methods.soft_prompt import SoftPrompt
 from prosg.sg.inject import MethodPatch
 
@@ -67,6 +69,16 @@ class CellSession:
             self.masks[L] = (P, pos[:, :P] < self.prompt_len[:, None], pos >= self.prompt_len[:, None])
         return self.masks[L]
 
+    @contextmanager
+    def only(self, rows: Tensor) -> Iterator[None]:
+        """Within the block, the writes are those of samples ``rows`` (restored after)."""
+        kept = self.writes
+        self.writes = [w[rows] for w in kept]
+        try:
+            yield
+        finally:
+            self.writes = kept
+
     def start_steps(self, n_blocks: int) -> None:
         """From now on every call is after the prompt: add the stored writes everywhere."""
         if len(self.writes) != n_blocks:
@@ -93,15 +105,18 @@ def hook_block_inputs(block: nn.Module, hook: BlockHook) -> list[Any]:
     return handles
 
 
-class GlobalPromptCell(SoftPrompt):
+class GlobalPromptCell(DropsPromptState, SoftPrompt):
     """Soft prompt + a gated prompt memory carried across blocks and added after the prompt (module docstring).
 
     ``n_tokens``: prefix length; ``d_cell``: width of the memory (None = d_model); ``d_layer_emb``:
-    width of the layer embedding that tells the shared cell which block it is at.
+    width of the layer embedding that tells the shared cell which block it is at; ``prompt_state_dropout``: the
+    fraction of training samples whose response runs from an empty state (``DropsPromptState``).
     """
 
-    def __init__(self, n_tokens: int = 16, d_cell: int | None = None, d_layer_emb: int = 16) -> None:
+    def __init__(self, n_tokens: int = 16, d_cell: int | None = None, d_layer_emb: int = 16,
+                 prompt_state_dropout: float = 0.0) -> None:
         super().__init__(n_tokens)
+        self.init_dropout(prompt_state_dropout)
         for knob, v in (("d_cell", d_cell), ("d_layer_emb", d_layer_emb)):
             if v is not None and v < 1:
                 raise ConfigError(f"model.method.init_args.{knob}={v} must be >= 1")
@@ -109,6 +124,7 @@ class GlobalPromptCell(SoftPrompt):
 
     def attach(self, backbone: Backbone) -> None:
         super().attach(backbone)
+        self.seed_dropout()
         n, D = len(backbone.blocks), backbone.d_model
         c = self.d_cell = self.d_cell_arg or D
         self.query = nn.Parameter(torch.zeros(n, D))  # zero: the pooling starts as the mean over the prompt
@@ -162,8 +178,26 @@ class GlobalPromptCell(SoftPrompt):
 
     # -- the Method seam -------------------------------------------------------------------------
     def forward(self, batch: dict) -> MethodOutput:
+        drop = self.draw_dropout(batch["input_ids"].shape[0])
+        if drop is not None and drop.any():
+            return MethodOutput(self._forward_with_dropout(batch["input_ids"], batch["prompt_len"], drop))
         with self.session(batch["prompt_len"] + self.n_tokens):
             return super().forward(batch)
+
+    def _forward_with_dropout(self, ids: Tensor, plen: Tensor, drop: Tensor) -> Tensor:
+        """Logits (B, T, V): the prompts in one pass (it computes the memories), then the responses with the writes
+        in place, rows ``drop`` from an empty state, the others from their prompt's state."""
+        P = int(plen[0])
+        if not bool((plen == P).all()):
+            raise ConfigError("GPC's prompt_state_dropout needs prompts of one length in a batch (got lengths "
+                              f"{sorted(set(plen.tolist()))}); set model.method.init_args.prompt_state_dropout=0 for this task")
+        bb, n = self.backbone, self.n_tokens
+        drop = drop.to(ids.device)
+        with self.session(plen + n) as s:
+            prompt = bb.forward_embeds(self.prepend(bb.embed(ids[:, :P])))
+            s.start_steps(len(bb.blocks))
+            resp = responses_with_dropout(bb, ids[:, P:], prompt.state, drop, s.only)
+        return torch.cat([prompt.logits[:, n:], resp.to(prompt.logits.dtype)], dim=1)
 
     @contextmanager
     def prefill(self, prompt_ids: Tensor, answers: Tensor | None = None) -> Iterator[BackboneOutput]:

@@ -7,16 +7,15 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
 
-from prosg.backbones.base import Backbone, BackboneOutput, State
+from prosg.backbones.base import Backbone, BackboneOutput
 from prosg.errors import ConfigError
-from prosg.methods.base import Method, MethodOutput
+from prosg.methods.base import DropsPromptState, Method, MethodOutput, responses_with_dropout
 from prosg.sg.head import SGHead
 from prosg.sg.session import Session
 
 
-class ProSG(Method):
+class ProSG(DropsPromptState, Method):
     """Prompt synthetic gradients -> a per-sample low-rank delta on the target linears (docs/method.md).
 
     The head's arguments (targets .. eta_init) are documented on ``SGHead``. ``aux_weight`` > 0 adds
@@ -42,34 +41,17 @@ class ProSG(Method):
         eta_clip: float | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= prompt_state_dropout < 1.0:
-            raise ConfigError(f"prompt_state_dropout={prompt_state_dropout} must be in [0, 1)")
+        self.init_dropout(prompt_state_dropout)
         if aux_weight < 0:
             raise ConfigError(f"aux_weight={aux_weight} must be >= 0")
         self.head = SGHead(targets, rank, compression, d_hidden, d_layer_emb, transform_inputs, self.mode, eta_init)
-        self.aux_weight, self.prompt_state_dropout, self.eta_clip = aux_weight, prompt_state_dropout, eta_clip
+        self.aux_weight, self.eta_clip = aux_weight, eta_clip
         self.max_prompt_len = 0  # longest prompt seen: the rank of a `full` delta
 
     def attach(self, backbone: Backbone) -> None:
         super().attach(backbone)
         self.head.attach(backbone)
-        # prompt-state dropout draws from its own generator, saved in checkpoints (extra_state), so a
-        # resumed run drops the samples the uninterrupted one would; seeded from the run's seed
-        # (torch.initial_seed() reads it without consuming the global stream)
-        self.dropout_generator = torch.Generator().manual_seed(torch.initial_seed())
-
-    def extra_state(self) -> dict:
-        return {"dropout_generator": self.dropout_generator.get_state()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "dropout_generator" in state:
-            self.dropout_generator.set_state(state["dropout_generator"])
-
-    def draw_dropout(self, batch_size: int) -> Tensor | None:
-        """The samples whose prompt state is dropped in this training step (None: no dropout now)."""
-        if not (self.training and self.prompt_state_dropout > 0):
-            return None
-        return torch.rand(batch_size, generator=self.dropout_generator) < self.prompt_state_dropout
+        self.seed_dropout()
 
     @property
     def name(self) -> str:
@@ -127,25 +109,8 @@ class ProSG(Method):
             if drop is None:
                 resp = bb.forward_embeds(bb.embed(resp_ids), prompt.state).logits
             else:
-                resp = self._responses_with_dropout(resp_ids, prompt.state, drop, s)
+                resp = responses_with_dropout(bb, resp_ids, prompt.state, drop, s.only)
         return torch.cat([prompt.logits, resp.to(prompt.logits.dtype)], dim=1), s
-
-    def _responses_with_dropout(self, resp_ids: Tensor, state: State, drop: Tensor, s: Session) -> Tensor:
-        """Response logits (B, R, V): rows ``drop`` from an empty state, the others from ``state``."""
-        bb = self.backbone
-        empty = bb.init_state(resp_ids.shape[0], resp_ids.device)
-        if [t.shape for t in tree_leaves(state)] == [t.shape for t in tree_leaves(empty)]:  # a fixed-size state
-            state = tree_map(lambda t, e: torch.where(drop.view(-1, *[1] * (t.dim() - 1)), e.to(t.dtype), t), state, empty)
-            return bb.forward_embeds(bb.embed(resp_ids), state).logits
-        # a state that grows with the sequence (a KV cache) cannot be emptied row by row: two passes
-        keep, cut = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
-        parts = []
-        if keep.numel():
-            with s.only(keep):
-                parts.append(bb.forward_embeds(bb.embed(resp_ids[keep]), tree_map(lambda t: t[keep], state)).logits)
-        with s.only(cut):
-            parts.append(bb.forward_embeds(bb.embed(resp_ids[cut])).logits)
-        return torch.cat(parts)[torch.cat([keep, cut]).argsort()]
 
     def _forward_with_dropout(self, ids: Tensor, plen: Tensor, drop: Tensor, true: dict[str, Tensor] | None
                               ) -> tuple[Tensor, list[Session], list[Tensor]]:
