@@ -272,9 +272,10 @@ def test_gpc_prompt_state_dropout_checks_its_input():
     m = GlobalPromptCell(2, d_cell=4, prompt_state_dropout=0.5)
     m.attach(tiny("rwkv7"))
     m.train()
-    m.draw_dropout = lambda n: torch.ones(n, dtype=torch.bool)
-    with pytest.raises(ConfigError, match="prompts of one length"):
-        m({"input_ids": torch.randint(1, V, (2, 8)), "prompt_len": torch.tensor([3, 4])})
+    for dropped in (torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)):  # whatever the draw
+        m.draw_dropout = lambda n, dropped=dropped: dropped
+        with pytest.raises(ConfigError, match="prompts of one length"):
+            m({"input_ids": torch.randint(1, V, (2, 8)), "prompt_len": torch.tensor([3, 4])})
     state = m.extra_state()  # the draws resume from a checkpoint, as ProSG's do
     del m.draw_dropout
     first = [m.draw_dropout(16) for _ in range(2)]

@@ -178,20 +178,22 @@ class GlobalPromptCell(DropsPromptState, SoftPrompt):
 
     # -- the Method seam -------------------------------------------------------------------------
     def forward(self, batch: dict) -> MethodOutput:
+        plen = batch["prompt_len"]
         drop = self.draw_dropout(batch["input_ids"].shape[0])
+        # checked on every batch dropout draws for, not only those that drop a sample: the error must not depend on the draw
+        if drop is not None and not bool((plen == plen[0]).all()):
+            raise ConfigError("GPC's prompt_state_dropout needs prompts of one length in a batch (got lengths "
+                              f"{sorted(set(plen.tolist()))}); set model.method.init_args.prompt_state_dropout=0 for this task")
         if drop is not None and drop.any():
-            return MethodOutput(self._forward_with_dropout(batch["input_ids"], batch["prompt_len"], drop))
-        with self.session(batch["prompt_len"] + self.n_tokens):
+            return MethodOutput(self._forward_with_dropout(batch["input_ids"], plen, drop))
+        with self.session(plen + self.n_tokens):
             return super().forward(batch)
 
     def _forward_with_dropout(self, ids: Tensor, plen: Tensor, drop: Tensor) -> Tensor:
-        """Logits (B, T, V): the prompts in one pass (it computes the memories), then the responses with the writes
-        in place, rows ``drop`` from an empty state, the others from their prompt's state."""
-        P = int(plen[0])
-        if not bool((plen == P).all()):
-            raise ConfigError("GPC's prompt_state_dropout needs prompts of one length in a batch (got lengths "
-                              f"{sorted(set(plen.tolist()))}); set model.method.init_args.prompt_state_dropout=0 for this task")
-        bb, n = self.backbone, self.n_tokens
+        """Logits (B, T, V) of prompts of one length: the prompts in one pass (it computes the memories), then the
+        responses with the writes in place, rows ``drop`` from an empty state, the others from their prompt's state."""
+        bb, n, P = self.backbone, self.n_tokens, int(plen[0])
+        bb.check_ids(ids, ndim=2)
         drop = drop.to(ids.device)
         with self.session(plen + n) as s:
             prompt = bb.forward_embeds(self.prepend(bb.embed(ids[:, :P])))
