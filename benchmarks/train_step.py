@@ -25,7 +25,7 @@ Lines:
 
     {"bench": "env", ...}
     {"bench": "train_step", "model", "size", "variant": "plain"|"sg", "ms_per_step", "wall_ms_per_step", ...}
-    {"bench": "ratio", "what": "<model>_<size>_sg_vs_plain_train_step", "value", "of_medians", "wall", "target"}
+    {"bench": "ratio", "what": "<model>_<size>_sg_vs_plain_train_step", "value", "iqr", "of_medians", "wall", "target", "meets_target"}
     {"bench": "generate_sg", ...} / {"bench": "ratio", "what": "<model>_sg_vs_bare_ms_per_token_b<B>", ...}
 """
 
@@ -54,6 +54,17 @@ from prosg.data import ConstructedDataModule  # noqa: E402
 from prosg.methods import Plain, ProSG  # noqa: E402
 from prosg.module import ProSGModule  # noqa: E402
 
+
+
+def load_generation():
+    """benchmarks/generation.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("generation", HERE / "generation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATION = load_generation()  # its decode measurement and ratio line are this script's too
 DEMO_SWEEP = ROOT / "conf" / "sweep" / "demo.yaml"
 QUICK_TASK = {"name": "recall", "n_facts": 2, "n_keys": 8, "n_values": 4, "response_len": 16, "query_distances": [0, 12]}
 
@@ -157,17 +168,8 @@ def bench_train(family: str, size: str, args: dict, method_args: dict, data: tup
               "wall_ms_per_step": round(med_wall[v], 2), "steps": steps, "batch": ids.shape[0], "seq_len": ids.shape[1],
               "d_model": args["d_model"], "targets": len(head.targets), "threads": torch.get_num_threads()})
     pairs = [s / p for s, p in zip(cpu["sg"], cpu["plain"])]  # each round's own ratio: drift cancels
-    emit({"bench": "ratio", "what": f"{family}_{size}_sg_vs_plain_train_step", "value": round(statistics.median(pairs), 3),
-          "of_medians": round(med["sg"] / med["plain"], 3), "wall": round(med_wall["sg"] / med_wall["plain"], 3),
-          "target": 1.5 if size == "demo" else None})
-
-
-def load_generation():
-    """benchmarks/generation.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("generation", HERE / "generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    emit(GENERATION.ratio_record(f"{family}_{size}_sg_vs_plain_train_step", pairs, med["sg"] / med["plain"],
+                                 med_wall["sg"] / med_wall["plain"], 1.5 if size == "demo" else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,11 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 bb_args.update({"head_size": 8} if "head_size" in bb_args else {})
             bench_train(family, size, bb_args, method_args, data, steps)
     if not args.no_decode:
-        gen = load_generation()
-        cfg = gen.QUICK if args.quick else gen.FULL
+        cfg = GENERATION.QUICK if args.quick else GENERATION.FULL
         for family in families:
             for b in args.batch:
-                gen.bench(family, cfg, int(method_args.get("rank", 8)), None, b)
+                GENERATION.bench(family, cfg, int(method_args.get("rank", 8)), None, b)
     return 0
 
 

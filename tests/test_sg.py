@@ -347,6 +347,19 @@ def test_low_rank_add_gradients():
     assert torch.autograd.gradcheck(lambda *a: LowRankAdd.apply(*a, mask), args)
     out, x, vt, ut = args
     torch.testing.assert_close(LowRankAdd.apply(out, x, vt, ut, mask), out + ((x @ vt.mT) * mask.mT) @ ut)
+    # inplace (the patched linear's fresh output): the delta goes into that tensor; gradients are unchanged,
+    # for a linear's output that is a view of its 2-D result (a bias) and one that is not
+    lin = torch.nn.Linear(4, 3, dtype=torch.double)
+    for bias in (True, False):
+        lin.bias.requires_grad_(bias)
+        grads = []
+        for inplace in (False, True):
+            y_lin = torch.nn.functional.linear(x, lin.weight, lin.bias if bias else None)
+            y = LowRankAdd.apply(y_lin, x, vt, ut, mask, inplace)
+            assert (y is y_lin) == inplace
+            grads.append(torch.autograd.grad((y * y).sum(), [x, vt, ut, lin.weight]))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

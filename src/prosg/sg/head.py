@@ -284,9 +284,7 @@ class SGHead(nn.Module):
             out = base(linear, x)
             if s.stepping:
                 v, u_scaled = s.step_factors[t.name]
-                if x.dim() == 2:  # (B, i): one token
-                    return torch.baddbmm(out.unsqueeze(1), torch.bmm(x.unsqueeze(1), v), u_scaled).squeeze(1)
-                return add_low_rank(out, x, v, u_scaled)
+                return add_low_rank(out, x, v, u_scaled, inplace=True)
             cur = s.current
             if s.defer:  # reading the prompts: every delta is computed later, at once
                 s.inputs[t.name] = x[:, : cur.P]
@@ -299,7 +297,7 @@ class SGHead(nn.Module):
             s.factors[t.name] = (u, v)
             s.synthetic[t.name] = g
             # y = W x − η U (Vᵀ x) at the positions after each prompt
-            return add_low_rank(out, x, v, cur.neg_eta[t.index] * u.mT, cur.after)
+            return add_low_rank(out, x, v, cur.neg_eta[t.index] * u.mT, cur.after, inplace=True)
         return forward
 
     def _session_features(self, s: Session, targets: Sequence[Target], detach: bool = False) -> Tensor:

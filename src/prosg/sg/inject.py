@@ -19,15 +19,20 @@ class LowRankAdd(torch.autograd.Function):
 
     Every operand must have ``out``'s dtype (``add_low_rank`` casts them); autocast is off inside, in
     forward and backward alike, so under bf16 mixed precision the saved tensors and the incoming
-    gradient share one dtype."""
+    gradient share one dtype. ``inplace``: ``out`` is a fresh tensor nothing else reads (a linear's
+    output), so the delta is accumulated into it rather than into a copy of it."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor, vt: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(ctx, out: Tensor, x: Tensor, vt: Tensor, ut: Tensor, mask: Tensor | None = None,
+                inplace: bool = False) -> Tensor:
         with torch.autocast(out.device.type, enabled=False):
             xvt = torch.bmm(vt, x.mT)  # (B, r, L)
             if mask is not None:
                 xvt = xvt * mask
             ctx.save_for_backward(x, vt, ut, xvt, mask)
+            if inplace:
+                ctx.mark_dirty(out)
+                return out.baddbmm_(xvt.mT, ut)
             return torch.baddbmm(out, xvt.mT, ut)
 
     @staticmethod
@@ -41,19 +46,29 @@ class LowRankAdd(torch.autograd.Function):
             g_x = torch.bmm(g_xvt.mT, vt) if ctx.needs_input_grad[1] else None
             g_vt = torch.bmm(g_xvt, x) if ctx.needs_input_grad[2] else None
             g_ut = torch.bmm(xvt, gy) if ctx.needs_input_grad[3] else None
-        return gy, g_x, g_vt, g_ut, None
+        return gy, g_x, g_vt, g_ut, None, None
 
 
-def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | None = None) -> Tensor:
-    """out + ((x V) ⊙ mask) Ut for x (B, L, i), V (B, i, r), Ut (B, r, o): ``LowRankAdd`` under autograd,
-    else two plain batched matmuls (a decoding step's x·V is a row vector per sample, for which this
-    layout is the fast one)."""
+def add_low_rank(out: Tensor, x: Tensor, v: Tensor, ut: Tensor, mask: Tensor | None = None,
+                 inplace: bool = False) -> Tensor:
+    """out + ((x V) ⊙ mask) Ut for x (B, L, i) or one token (B, i), V (B, i, r), Ut (B, r, o): ``LowRankAdd``
+    under autograd, else two plain batched matmuls (a decoding step's x·V is a row vector per sample, for
+    which this layout is the fast one). ``inplace``: ``out`` is a fresh tensor nothing else reads (the
+    target linear's output), and the delta is added into it."""
     dt = out.dtype  # under autocast the linear's output may be bf16 while x or the factors are fp32
-    x, v, ut = x.to(dt), v.to(dt), ut.to(dt)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, v, ut)):
-        return LowRankAdd.apply(out, x, v.mT, ut, None if mask is None else mask.to(dt))
+    if x.dtype != dt or v.dtype != dt or ut.dtype != dt:  # compared in Python: a decode step pays no cast dispatch
+        x, v, ut = x.to(dt), v.to(dt), ut.to(dt)
+    grad = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or v.requires_grad or ut.requires_grad)
+    if x.dim() == 2:  # (B, i): one decoding step
+        if inplace and not grad:
+            out.unsqueeze(1).baddbmm_(torch.bmm(x.unsqueeze(1), v), ut)
+            return out
+        return torch.baddbmm(out.unsqueeze(1), torch.bmm(x.unsqueeze(1), v), ut).squeeze(1)
+    if grad:
+        return LowRankAdd.apply(out, x, v.mT, ut, None if mask is None else mask.to(dt), inplace)
     xv = torch.bmm(x, v)
-    return torch.baddbmm(out, xv if mask is None else xv * mask.mT.to(dt), ut)
+    xv = xv if mask is None else xv * mask.mT.to(dt)
+    return out.baddbmm_(xv, ut) if inplace else torch.baddbmm(out, xv, ut)
 
 
 class MethodPatch:
