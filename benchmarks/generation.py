@@ -14,7 +14,7 @@ the median over repeats of each repeat's SG/bare CPU-time ratio (adjacent runs: 
 drifts during the benchmark cancels). Lines:
 
     {"bench": "generate_sg", "model", "variant": "bare"|"sg", "ms_per_token", "wall_ms_per_token", ...}
-    {"bench": "ratio", "what": "<model>_sg_vs_bare_ms_per_token_b<B>", "value", "iqr", "of_medians", "wall", "target": 1.10, "meets_target"}
+    {"bench": "ratio", "what": "<model>_sg_vs_bare_ms_per_token_b<B>", "value", "iqr", "of_medians", "wall", "target", "meets_target"}
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def bench(name: str, cfg: dict, rank: int, targets: list[str] | None, batch: int
               "wall_ms_per_token": round(wall[variant], 4), "batch": batch, "rank": rank, "targets": len(head.targets),
               "d_model": cfg["d_model"], "n_layer": cfg["n_layer"], "threads": torch.get_num_threads()})
     pairs = [s[0] / b[0] for s, b in zip(times["sg"], times["bare"])]  # each repeat's own ratio: drift cancels
-    emit(ratio_record(f"{name}_sg_vs_bare_ms_per_token_b{batch}", pairs, cpu["sg"] / cpu["bare"], wall["sg"] / wall["bare"], 1.10))
+    target = 1.02 if batch == 1 else 1.10  # one sample: the delta is folded into the weights, so it should cost nothing
+    emit(ratio_record(f"{name}_sg_vs_bare_ms_per_token_b{batch}", pairs, cpu["sg"] / cpu["bare"], wall["sg"] / wall["bare"], target))
 
 
 def ratio_record(what: str, pairs: list[float], of_medians: float, wall: float, target: float | None) -> dict:

@@ -19,7 +19,7 @@ machine other processes then do not count, though they still slow the caches. Me
 the figure is the median over rounds of each round's SG/plain ratio (target: 1.5 at the demo size).
 
 Decoding: ``benchmarks/generation.py``'s measurement (d_model 256, 4 layers, every block linear targeted)
-at batch 1, 4 and 16 (target: 1.10; batch 1 folds the delta into the weights).
+at batch 1, 4 and 16 (target: 1.10; 1.02 at batch 1, which folds the delta into the weights).
 
 Lines:
 
