@@ -24,8 +24,9 @@ at batch 1, 4 and 16 (target: 1.10; 1.02 at batch 1, which folds the delta into 
 Lines:
 
     {"bench": "env", ...}
-    {"bench": "train_step", "model", "size", "variant": "plain"|"sg", "ms_per_step", "wall_ms_per_step", ...}
-    {"bench": "ratio", "what": "<model>_<size>_sg_vs_plain_train_step", "value", "iqr", "of_medians", "wall", "target", "meets_target"}
+    {"bench": "train_step", "model", "size", "variant": "plain"|"sg", "ms_per_step", "wall_ms_per_step", "matmul_gflop_per_step", ...}
+    {"bench": "ratio", "what": "<model>_<size>_sg_vs_plain_train_step", "value", "iqr", "of_medians", "wall", "target", "meets_target",
+     "matmul_flops" (the SG/plain ratio of the steps' matmul GFLOP: the work, beside the time)}
     {"bench": "generate_sg", ...} / {"bench": "ratio", "what": "<model>_sg_vs_bare_ms_per_token_b<B>", ...}
 """
 
@@ -159,17 +160,28 @@ def bench_train(family: str, size: str, args: dict, method_args: dict, data: tup
             if r >= 2:  # two warm-up steps each
                 cpu[v].append(time.thread_time() - c0)
                 wall[v].append(time.perf_counter() - w0)
+    gflop = {v: matmul_gflop(module, opt, bs[0]) for v, (module, opt) in variants.items()}
     med = {v: 1000 * statistics.median(t) for v, t in cpu.items()}
     med_wall = {v: 1000 * statistics.median(t) for v, t in wall.items()}
     ids = bs[0]["input_ids"]
     head = variants["sg"][0].method.head
     for v in variants:
         emit({"bench": "train_step", "model": family, "size": size, "variant": v, "ms_per_step": round(med[v], 2),
-              "wall_ms_per_step": round(med_wall[v], 2), "steps": steps, "batch": ids.shape[0], "seq_len": ids.shape[1],
+              "wall_ms_per_step": round(med_wall[v], 2), "matmul_gflop_per_step": round(gflop[v], 3), "steps": steps, "batch": ids.shape[0], "seq_len": ids.shape[1],
               "d_model": args["d_model"], "targets": len(head.targets), "threads": torch.get_num_threads()})
     pairs = [s / p for s, p in zip(cpu["sg"], cpu["plain"])]  # each round's own ratio: drift cancels
-    emit(GENERATION.ratio_record(f"{family}_{size}_sg_vs_plain_train_step", pairs, med["sg"] / med["plain"],
-                                 med_wall["sg"] / med_wall["plain"], 1.5 if size == "demo" else None))
+    record = GENERATION.ratio_record(f"{family}_{size}_sg_vs_plain_train_step", pairs, med["sg"] / med["plain"],
+                                     med_wall["sg"] / med_wall["plain"], 1.5 if size == "demo" else None)
+    emit(dict(record, matmul_flops=round(gflop["sg"] / gflop["plain"], 3)))  # the work ratio beside the time ratio
+
+
+def matmul_gflop(module: ProSGModule, opt: torch.optim.Optimizer, batch: dict) -> float:
+    """GFLOP of the matrix products (mm, bmm, addmm, ...) in one training step, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(module, opt, batch)
+    return counter.get_total_flops() / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
