@@ -56,7 +56,6 @@ from prosg.methods import Plain, ProSG  # noqa: E402
 from prosg.module import ProSGModule  # noqa: E402
 
 
-
 def load_generation():
     """benchmarks/generation.py as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location("generation", HERE / "generation.py")
